@@ -1,0 +1,132 @@
+"""Multi-adapter LoRA ops (Punica-style shrink / expand) and their dispatcher.
+
+Every adapted projection of the engine computes, for all tokens of a mixed batch at once,
+
+    y = base(x);  v = lora_shrink(x, lora_a, meta);  lora_expand(y, v, lora_b, scale, meta)
+
+where each token carries the device slot of its adapter (-1 = base only). Two implementations
+share these signatures: Triton kernels (CUDA, or CPU through TRITON_INTERPRET=1 for tests) and
+a PyTorch twin (the CPU path and the tests' oracle). `backend` picks one:
+
+    "auto"   Triton for CUDA tensors when triton imports, else the twin (default)
+    "torch"  the twin
+    "triton" the Triton kernels (CPU tensors need TRITON_INTERPRET=1 set before triton loads)
+
+The environment variable LORAD_LORA_BACKEND sets the default for calls that pass none.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lorad.kernels.lora_ops_torch import lora_expand_torch, lora_shrink_torch
+from lorad.kernels.metadata import NO_LORA, LoRABatchMeta, build_lora_meta
+
+BACKENDS = ("auto", "torch", "triton")
+
+__all__ = [
+    "BACKENDS",
+    "NO_LORA",
+    "LoRABatchMeta",
+    "build_lora_meta",
+    "lora_expand",
+    "lora_shrink",
+    "resolve_backend",
+]
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """The implementation ("torch" or "triton") that runs for tensors on `device`."""
+    choice = backend or os.environ.get("LORAD_LORA_BACKEND", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"LoRA backend {choice!r} is not one of {', '.join(BACKENDS)}")
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError("LoRA backend 'triton' was asked for but triton is not installed")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "LoRA backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+            )
+    return choice
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    meta: LoRABatchMeta,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Project every token onto the low-rank space of its own adapter.
+
+    Semantics:
+      for t in range(T):
+          s = meta.token_slots[t]
+          if s != -1:
+              v[t, :] = float32(x[t, :]) @ float32(lora_a[s, :, :]).T   # accumulated in fp32
+      # rows of v whose slot is -1 are left unspecified; lora_expand ignores them
+
+    Args:
+      x: Shape `[T, H_in]`, float32 / float16 / bfloat16, contiguous. Token activations.
+      lora_a: Shape `[S, R, H_in]`, same dtype as x. Slot pool of A matrices; an adapter of
+        rank r < R occupies rows [0, r) of its slot and the rest is zero.
+      meta: LoRABatchMeta from build_lora_meta(token_slots, S).
+      out: Optional shape `[T, R]` float32 buffer. Overwritten (not accumulated).
+      backend: "auto" | "torch" | "triton"; see the module docstring.
+
+    Returns:
+      v: Shape `[T, R]`, float32 (`out` when given).
+    """
+    if resolve_backend(x.device, backend) == "triton":
+        from lorad.kernels.lora_ops_triton import lora_shrink_triton
+
+        return lora_shrink_triton(x, lora_a, meta, out)
+    return lora_shrink_torch(x, lora_a, meta, out)
+
+
+def lora_expand(
+    y: torch.Tensor,
+    v: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: torch.Tensor,
+    meta: LoRABatchMeta,
+    backend: str | None = None,
+) -> None:
+    """Add every token's adapter delta to the base output, in place.
+
+    Semantics:
+      for t in range(T):
+          s = meta.token_slots[t]
+          if s != -1:
+              y[t, :] += scale[s] * (v[t, :] @ float32(lora_b[s, :, :]))   # fp32, then cast to y.dtype
+      # rows whose slot is -1 are not touched; an all -1 batch leaves y bit-identical
+
+    Args:
+      y: Shape `[T, H_out]`, float32 / float16 / bfloat16, contiguous. Will be changed in place.
+      v: Shape `[T, R]`, float32, as returned by lora_shrink.
+      lora_b: Shape `[S, R, H_out]`, same dtype as y. Slot pool of B matrices, stored
+        transposed with respect to PEFT's [H_out, r] so that each slot is a row-major
+        [R, H_out] matrix: the CPU path's bmm reads it without a transpose, and a kernel
+        tile of it is contiguous along H_out.
+      scale: Shape `[S]`, float32. Per-slot scaling (lora_alpha / r, or / sqrt(r) for rsLoRA).
+      meta: LoRABatchMeta from build_lora_meta(token_slots, S).
+      backend: "auto" | "torch" | "triton"; see the module docstring.
+    """
+    if resolve_backend(y.device, backend) == "triton":
+        from lorad.kernels.lora_ops_triton import lora_expand_triton
+
+        lora_expand_triton(y, v, lora_b, scale, meta)
+        return
+    lora_expand_torch(y, v, lora_b, scale, meta)
