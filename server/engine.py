@@ -1,0 +1,590 @@
+"""The serving engine: continuous batching of many requests over many adapters.
+
+One thread owns the model. Each iteration it
+  1. takes new requests and cancellations from other threads,
+  2. drops requests that were cancelled or whose deadline passed (their cache row and adapter
+     slot are free for this very step),
+  3. admits waiting requests while cache rows and adapter slots allow (adapters still on disk
+     load on a background thread meanwhile; they never hold up the step),
+  4. runs ONE forward over the prompt chunks and decode tokens of all running requests, whatever
+     their adapters, and samples one token for each request that is due one,
+  5. hands text and tokens to each request's sink and retires finished requests.
+
+A request never waits for another to finish: it joins at the next step and leaves when done.
+Requests are laid out in the batch grouped by adapter slot, which is what makes the LoRA ops
+cheap (lorad.kernels). Errors in one request end that request, never the loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from lorad.base_model import LoadedBase
+from lorad.errors import (
+    AdapterNotFoundError,
+    EngineStoppedError,
+    InvalidAdapterError,
+    InvalidRequestError,
+    LoradError,
+    QueueFullError,
+)
+from lorad.geometry import ModelGeometry
+from lorad.kernels import build_lora_meta
+
+from lorad.server.adapter_store import AdapterStore
+from lorad.server.config import EngineConfig
+from lorad.server.detokenizer import IncrementalDetokenizer
+from lorad.server.kv_cache import KVCache, rows_for_budget
+from lorad.server.lora_slots import LoRASlotPool
+from lorad.server.model_runner import LlamaRunner, SeqChunk, StepBatch
+from lorad.server.observer import EngineObserver
+from lorad.server.sampling import SamplingParams, make_generator, sample_tokens
+
+log = logging.getLogger(__name__)
+
+FINISH_LENGTH, FINISH_EOS, FINISH_STOP, FINISH_CANCELLED = "length", "eos", "stop", "cancelled"
+DEFAULT_MAX_SEQ_LEN_CAP = 2048
+
+
+@dataclass
+class Event:
+    """What a request's sink receives: chunks, then exactly one final or error event."""
+
+    kind: str  # "chunk" | "final" | "error"
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: LoradError | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    id: int
+    prompt_ids: list[int]
+    adapter_id: str | None
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    detok: IncrementalDetokenizer
+    arrival: float
+    deadline: float | None = None
+    slot: int = -1
+    row: int = -1
+    num_cached: int = 0  # tokens of prompt + output already in the KV cache
+    output_ids: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    seen: set[int] | None = None  # token ids for the repetition penalty
+    cancelled: bool = False
+    looked_up: bool = False  # adapter cache lookups are counted once per request
+    admitted_at: float = 0.0
+    last_token_at: float = 0.0
+    done: bool = False
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_cached < len(self.prompt_ids)
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass
+class AdapterStatus:
+    adapter_id: str
+    location: str  # "disk" | "host" | "device"
+    rank: int = 0
+    lora_alpha: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    size_bytes: int = 0
+    error: str = ""
+
+
+class Engine:
+    def __init__(
+        self,
+        base: LoadedBase,
+        config: EngineConfig,
+        adapters_dir: str | None = None,
+        observer: EngineObserver | None = None,
+    ):
+        self.base = base
+        self.config = config
+        self.tokenizer = base.tokenizer
+        self.observer = observer or EngineObserver()
+        self.geometry = ModelGeometry.from_hf_config(base.model.config)
+        self.device = base.device
+        dtype = base.compute_dtype
+        self.max_seq_len = config.max_seq_len or min(self.geometry.max_position_embeddings, DEFAULT_MAX_SEQ_LEN_CAP)
+        fit = rows_for_budget(self.geometry, self.max_seq_len, dtype, config.kv_cache_memory)
+        rows = min(config.max_batch_size, fit)
+        if rows < config.max_batch_size:
+            log.warning(
+                "kv cache: %d bytes hold %d sequences of %d tokens; running at most %d requests at once "
+                "(raise --kv-cache-memory or lower --max-seq-len for more)",
+                config.kv_cache_memory, fit, self.max_seq_len, max(rows, 0),
+            )
+        self.kv = KVCache(self.geometry, rows, self.max_seq_len, dtype, self.device)
+        self.pool = LoRASlotPool(self.geometry, config.max_loras, config.max_lora_rank, dtype, self.device)
+        self.store = AdapterStore(adapters_dir, self.geometry, config.max_lora_rank, config.max_cpu_loras)
+        self.runner = LlamaRunner(base.model, self.geometry, self.kv, self.pool, config.lora_backend)
+        self.eos_ids = self._eos_ids()
+
+        self._ids = itertools.count(1)
+        self._cv = threading.Condition()
+        self._inbox: deque[Request] = deque()
+        self._cancels: set[int] = set()
+        self._load_errors: dict[str, LoradError] = {}
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # index = cache row
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        assert self._thread is None, "engine already started"
+        self._thread = threading.Thread(target=self._loop, name="lorad-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.store.close()
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def max_running(self) -> int:
+        return self.kv.rows
+
+    # --- submission (any thread) ------------------------------------------------------------
+
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        """Token ids of a raw prompt, or of chat messages through the base's chat template."""
+        if bool(prompt) == bool(messages):
+            raise InvalidRequestError("give exactly one of prompt or messages")
+        if messages:
+            for i, m in enumerate(messages):
+                if m.get("role") not in ("system", "user", "assistant"):
+                    raise InvalidRequestError(f"messages[{i}].role: {m.get('role')!r} is not system, user or assistant")
+            if getattr(self.tokenizer, "chat_template", None) is None:
+                raise InvalidRequestError("this base has no chat template; send a raw prompt instead")
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sink: Callable[[Event], None],
+        adapter_id: str | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Queue a request; returns its id. Raises a LoradError for anything wrong with it."""
+        if self._stop:
+            raise EngineStoppedError("the engine is shutting down")
+        if not prompt_ids:
+            raise InvalidRequestError("prompt: is empty")
+        vocab = self.geometry.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise InvalidRequestError(f"prompt: token ids must lie in [0, {vocab})")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise InvalidRequestError(
+                f"prompt: {len(prompt_ids)} tokens do not fit this server's context of {self.max_seq_len} tokens "
+                "(the prompt must leave room for at least one generated token)"
+            )
+        if params.max_new_tokens > self.config.max_new_tokens_limit:
+            raise InvalidRequestError(
+                f"max_new_tokens: {params.max_new_tokens} is above this server's limit of {self.config.max_new_tokens_limit}"
+            )
+        if adapter_id:
+            self.store.path_for(adapter_id)  # NOT_FOUND / INVALID_ARGUMENT before queueing
+        now = time.monotonic()
+        request = Request(
+            id=next(self._ids),
+            prompt_ids=list(prompt_ids),
+            adapter_id=adapter_id or None,
+            params=params,
+            sink=sink,
+            detok=IncrementalDetokenizer(self.tokenizer, params.stop),
+            arrival=now,
+            deadline=now + timeout if timeout is not None else None,
+            generator=make_generator(params),
+            seen=set(prompt_ids) if params.repetition_penalty != 1.0 else None,
+        )
+        with self._cv:
+            if len(self._waiting) + len(self._inbox) >= self.config.max_queue:
+                raise QueueFullError(
+                    f"the request queue is full ({self.config.max_queue} waiting); retry later"
+                )
+            self._inbox.append(request)
+            self._cv.notify()
+        self.observer.request_queued()
+        return request.id
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request; its batch slot is freed at the next step."""
+        with self._cv:
+            self._cancels.add(request_id)
+            self._cv.notify()
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, adapter_id: str | None = None,
+                 timeout: float | None = None) -> Event:
+        """Blocking convenience: submit and wait for the final event (raises its error)."""
+        done = threading.Event()
+        result: list[Event] = []
+
+        def sink(event: Event) -> None:
+            if event.kind != "chunk":
+                result.append(event)
+                done.set()
+
+        self.submit(prompt_ids, params, sink, adapter_id=adapter_id, timeout=timeout)
+        done.wait()
+        if result[0].kind == "error":
+            raise result[0].error
+        return result[0]
+
+    # --- adapters ---------------------------------------------------------------------------
+
+    def list_adapters(self) -> list[AdapterStatus]:
+        out = []
+        for adapter_id in self.store.list_ids():
+            if self.pool.lookup(adapter_id) is not None:
+                location = "device"
+            elif self.store.in_host(adapter_id):
+                location = "host"
+            else:
+                location = "disk"
+            try:
+                spec = self.store.inspect(adapter_id)
+            except (InvalidAdapterError, AdapterNotFoundError) as exc:
+                out.append(AdapterStatus(adapter_id, location, error=str(exc)))
+                continue
+            out.append(AdapterStatus(adapter_id, location, spec.rank, spec.lora_alpha, spec.target_modules, spec.size_bytes))
+        return out
+
+    def _on_adapter_loaded(self, adapter_id: str, future) -> None:
+        exc = future.exception()
+        if exc is None:
+            self.observer.adapter_loaded("host", future.result().load_seconds)
+        with self._cv:
+            if exc is not None:
+                self._load_errors[adapter_id] = exc if isinstance(exc, LoradError) else InvalidAdapterError(str(exc))
+            self._cv.notify()
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._inbox and not self._cancels and not self._running \
+                        and not self._load_errors and not self._waiting:
+                    self._cv.wait()
+                if self._stop:
+                    break
+                self._waiting.extend(self._inbox)
+                self._inbox.clear()
+                cancels, self._cancels = self._cancels, set()
+                load_errors, self._load_errors = self._load_errors, {}
+            try:
+                self._reap(cancels)
+                self._fail_load_errors(load_errors)
+                self._admit()
+                if self._running:
+                    self._step()
+                elif self._waiting:
+                    with self._cv:  # waiting only on adapter loads: sleep until one finishes
+                        self._cv.wait(timeout=0.05)
+            except Exception:  # a bug must not kill the loop; fail what was running instead
+                log.exception("engine step failed; failing the running requests")
+                for request in list(self._running):
+                    self._finish_error(request, LoradError("internal error in the engine step; see the server log"))
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        err = EngineStoppedError("the server is shutting down")
+        with self._cv:
+            self._waiting.extend(self._inbox)
+            self._inbox.clear()
+        for request in list(self._running):
+            self._finish_error(request, err)
+        while self._waiting:
+            self._emit_error(self._waiting.popleft(), err)
+
+    def _expired(self, request: Request, now: float) -> bool:
+        return request.cancelled or (request.deadline is not None and now >= request.deadline)
+
+    def _reap(self, cancels: set[int]) -> None:
+        now = time.monotonic()
+        for request in itertools.chain(self._waiting, self._running):
+            if request.id in cancels:
+                request.cancelled = True
+        for request in [r for r in self._running if self._expired(r, now)]:
+            self._finish(request, FINISH_CANCELLED)
+        kept = deque()
+        for request in self._waiting:
+            if self._expired(request, now):
+                self._emit_final(request, FINISH_CANCELLED)
+            else:
+                kept.append(request)
+        self._waiting = kept
+
+    def _fail_load_errors(self, errors: dict[str, LoradError]) -> None:
+        if not errors:
+            return
+        kept = deque()
+        for request in self._waiting:
+            err = errors.get(request.adapter_id)
+            if err is not None:
+                self.observer.request_failed("adapter")
+                self._emit_error(request, err)
+            else:
+                kept.append(request)
+        self._waiting = kept
+
+    def _admit(self) -> None:
+        """Move waiting requests into free cache rows, oldest first.
+
+        A request whose adapter is still loading lets later requests pass. Once a request is
+        blocked because every adapter slot is held by running requests, later adapter
+        requests queue behind it (base-only requests still pass), so it cannot starve.
+        """
+        kept = deque()
+        slot_blocked = False
+        now = time.monotonic()
+        while self._waiting:
+            request = self._waiting.popleft()
+            if len(self._running) >= self.kv.rows or (slot_blocked and request.adapter_id):
+                kept.append(request)
+                continue
+            slot = self._acquire_slot(request)
+            if slot is None:
+                if not self.store.is_loading(request.adapter_id) and self.store.in_host(request.adapter_id):
+                    slot_blocked = True
+                kept.append(request)
+                continue
+            request.slot = slot
+            request.row = len(self._running)
+            request.admitted_at = now
+            self._running.append(request)
+            self.observer.request_admitted(now - request.arrival)
+        self._waiting = kept
+        self.observer.slots(self.pool.slots_used, self.pool.num_slots)
+
+    def _acquire_slot(self, request: Request) -> int | None:
+        """The device slot for a request's adapter (-1 for none), or None if not ready yet."""
+        adapter_id = request.adapter_id
+        if adapter_id is None:
+            return -1
+        first_try = not request.looked_up
+        request.looked_up = True
+        slot = self.pool.acquire_resident(adapter_id)
+        if first_try:
+            self.observer.adapter_lookup("device", slot is not None)
+        if slot is not None:
+            return slot
+        adapter = self.store.cached(adapter_id)
+        if first_try:
+            self.observer.adapter_lookup("host", adapter is not None)
+        if adapter is None:
+            if not self.store.is_loading(adapter_id):
+                self.store.load_async(adapter_id, on_done=self._on_adapter_loaded)
+            return None
+        started = time.perf_counter()
+        slot = self.pool.acquire_load(adapter)
+        if slot is not None:
+            self.observer.adapter_loaded("device", time.perf_counter() - started)
+        return slot
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def _schedule(self) -> tuple[list[tuple[Request, int]], int]:
+        """Pick (request, n_tokens) for this step, grouped by adapter slot; base-only last."""
+        budget = self.config.max_prefill_tokens
+        picks: dict[int, int] = {}
+        for request in self._running:  # admission order: older prompts prefill first
+            if request.prefilling:
+                remaining = len(request.prompt_ids) - request.num_cached
+                n = min(remaining, budget)
+                if n > 0:
+                    picks[request.id] = n
+                    budget -= n
+            else:
+                picks[request.id] = 1
+        ordered = sorted(
+            (r for r in self._running if r.id in picks),
+            key=lambda r: (r.slot < 0, r.slot, r.row),
+        )
+        return [(r, picks[r.id]) for r in ordered], sum(picks.values())
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        work, num_tokens = self._schedule()
+        ids: list[int] = []
+        positions: list[int] = []
+        rows: list[int] = []
+        slots: list[int] = []
+        chunks: list[SeqChunk] = []
+        logits_index: list[int] = []
+        sampled: list[Request] = []
+        active_mask = 0
+        for request, n in work:
+            offset = len(ids)
+            if request.prefilling:
+                start = request.num_cached
+                ids.extend(request.prompt_ids[start : start + n])
+            else:
+                start = request.total_len - 1
+                ids.append(request.output_ids[-1])
+            positions.extend(range(start, start + n))
+            rows.extend([request.row] * n)
+            slots.extend([request.slot] * n)
+            chunks.append(SeqChunk(row=request.row, start=start, length=n, offset=offset))
+            if request.slot >= 0:
+                active_mask |= 1 << request.slot
+            if start + n >= len(request.prompt_ids):  # the chunk reaches the end: sample
+                logits_index.append(offset + n - 1)
+                sampled.append(request)
+        device = self.device
+        batch = StepBatch(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            rows=torch.tensor(rows, dtype=torch.int64, device=device),
+            chunks=chunks,
+            lora_meta=build_lora_meta(slots, self.pool.num_slots, device),
+            active_slots_mask=active_mask,
+            logits_index=torch.tensor(logits_index, dtype=torch.int64, device=device),
+            n_rows=len(self._running),
+        )
+        logits = self.runner.forward(batch)  # runs even when no one samples: it fills the cache
+        for request, n in work:
+            request.num_cached += n
+        if sampled:
+            self._sample_and_emit(sampled, logits)
+        self.steps += 1
+        self.observer.step(num_tokens, len(work), len(self._running), len(self._waiting), time.perf_counter() - started)
+
+    def _sample_and_emit(self, sampled: list[Request], logits: torch.Tensor) -> None:
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        params = [r.params for r in sampled]
+        gens = [r.generator for r in sampled]
+        seen = [
+            torch.tensor(sorted(r.seen), dtype=torch.int64) if r.seen is not None else None for r in sampled
+        ]
+        tokens = sample_tokens(logits, params, gens, seen)
+        now = time.monotonic()
+        for request, token, ok in zip(sampled, tokens, finite):
+            if not ok:
+                self.observer.request_failed("non_finite")
+                self.kv.clear_row(request.row)  # never let NaN reach a later occupant of the row
+                self._finish_error(
+                    request,
+                    InvalidAdapterError(
+                        f"the model produced non-finite logits for this request"
+                        f"{' with adapter ' + repr(request.adapter_id) if request.adapter_id else ''}"
+                    ),
+                )
+                continue
+            if request.output_ids:
+                self.observer.inter_token(now - request.last_token_at)
+            else:
+                self.observer.first_token(now - request.arrival)
+            request.last_token_at = now
+            if token in self.eos_ids:
+                self._finish(request, FINISH_EOS)
+                continue
+            request.output_ids.append(token)
+            if request.seen is not None:
+                request.seen.add(token)
+            self._deliver(request, Event("chunk", text=request.detok.add(token), token_ids=[token]))
+            if request.detok.stopped:
+                self._finish(request, FINISH_STOP)
+            elif len(request.output_ids) >= request.params.max_new_tokens or request.total_len >= self.max_seq_len:
+                self._finish(request, FINISH_LENGTH)
+
+    # --- retiring requests ---------------------------------------------------------------------
+
+    def _release(self, request: Request) -> None:
+        """Give back the request's cache row (compacting rows) and adapter slot."""
+        if request.slot >= 0:
+            self.pool.release(request.slot)
+            request.slot = -1
+        row, last = request.row, len(self._running) - 1
+        assert self._running[row] is request
+        if row != last:
+            moved = self._running[last]
+            self.kv.move_row(last, row, moved.num_cached)
+            moved.row = row
+            self._running[row] = moved
+        self._running.pop()
+        request.row = -1
+
+    def _finish(self, request: Request, reason: str) -> None:
+        self._release(request)
+        self._emit_final(request, reason)
+
+    def _finish_error(self, request: Request, error: LoradError) -> None:
+        if request.row >= 0:
+            self._release(request)
+        self._emit_error(request, error)
+
+    def _emit_final(self, request: Request, reason: str) -> None:
+        tail = request.detok.flush()
+        request.done = True
+        completion = len(request.output_ids)
+        self.observer.request_finished(reason, time.monotonic() - request.arrival, len(request.prompt_ids), completion)
+        self._deliver(
+            request,
+            Event(
+                "final",
+                text=request.detok.text,
+                token_ids=list(request.output_ids),
+                finish_reason=reason,
+                prompt_tokens=len(request.prompt_ids),
+                completion_tokens=completion,
+            ),
+            tail=tail,
+        )
+
+    def _emit_error(self, request: Request, error: LoradError) -> None:
+        request.done = True
+        self._deliver(request, Event("error", error=error))
+
+    def _deliver(self, request: Request, event: Event, tail: str = "") -> None:
+        try:
+            if tail:
+                request.sink(Event("chunk", text=tail))
+            request.sink(event)
+        except Exception:  # a broken sink (client gone) must not break the loop
+            log.debug("sink of request %d failed", request.id, exc_info=True)
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        eos = getattr(self.base.model.generation_config, "eos_token_id", None)
+        for value in (eos, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(v for v in value if isinstance(v, int))
+        return ids

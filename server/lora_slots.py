@@ -1,0 +1,150 @@
+"""Device-resident adapter slots: the weights the multi-adapter LoRA ops read.
+
+For every (layer, projection) the pool preallocates
+    a:     [S, R, H_in]   lora_A of each slot, rank-padded with zeros
+    b:     [S, R, H_out]  lora_B of each slot, transposed (see lorad.kernels.lora_expand)
+    scale: [S]            float32 lora_alpha / r (or / sqrt(r) for rsLoRA)
+where S = max_loras and R = max_lora_rank. Loading an adapter zeroes its slot and copies the
+adapter in; nothing is allocated after start-up.
+
+The slot table is a small state machine: an adapter is in at most one slot; a slot in use by
+running requests (refcount > 0) is never evicted; free slots are reused least recently used
+first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from lorad.adapter_format import LoadedAdapter
+from lorad.geometry import PROJECTIONS, ModelGeometry
+
+
+@dataclass
+class ModuleSlots:
+    a: torch.Tensor  # [S, R, H_in]
+    b: torch.Tensor  # [S, R, H_out]
+    scale: torch.Tensor  # [S] float32
+    slots_mask: int = 0  # bit s set when slot s holds a nonzero adapter for this module
+
+
+class LoRASlotPool:
+    def __init__(self, geometry: ModelGeometry, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device):
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.dtype = dtype
+        self.device = device
+        self.layers: list[dict[str, ModuleSlots]] = []
+        for _ in range(geometry.num_layers):
+            modules = {}
+            for proj in PROJECTIONS:
+                in_f, out_f = geometry.projection_shape(proj)
+                modules[proj] = ModuleSlots(
+                    a=torch.zeros(num_slots, max_rank, in_f, dtype=dtype, device=device),
+                    b=torch.zeros(num_slots, max_rank, out_f, dtype=dtype, device=device),
+                    scale=torch.zeros(num_slots, dtype=torch.float32, device=device),
+                )
+            self.layers.append(modules)
+        self.slot_of: dict[str, int] = {}
+        self.adapter_in: list[str | None] = [None] * num_slots
+        self.refcount = [0] * num_slots
+        self.slot_rank = [0] * num_slots
+        # slots with refcount 0, least recently released first; empty slots are always first
+        self._idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(num_slots))
+
+    # --- accounting -----------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() + m.scale.numel() * 4
+            for layer in self.layers
+            for m in layer.values()
+        )
+
+    @property
+    def slots_used(self) -> int:
+        return sum(1 for a in self.adapter_in if a is not None)
+
+    def lookup(self, adapter_id: str) -> int | None:
+        return self.slot_of.get(adapter_id)
+
+    def can_acquire(self, adapter_id: str) -> bool:
+        return adapter_id in self.slot_of or bool(self._idle)
+
+    # --- state machine --------------------------------------------------------------------
+
+    def acquire_resident(self, adapter_id: str) -> int | None:
+        """Take a reference on the slot already holding adapter_id, if any."""
+        slot = self.slot_of.get(adapter_id)
+        if slot is not None:
+            self._take(slot)
+        return slot
+
+    def acquire_load(self, adapter: LoadedAdapter) -> int | None:
+        """Put an adapter into the least recently used idle slot and take a reference.
+
+        Returns None when every slot is held by running requests.
+        """
+        adapter_id = adapter.spec.adapter_id
+        assert adapter_id not in self.slot_of, "acquire_resident first"
+        if not self._idle:
+            return None
+        slot = next(iter(self._idle))
+        evicted = self.adapter_in[slot]
+        if evicted is not None:
+            del self.slot_of[evicted]
+        self._write(slot, adapter)
+        self.slot_of[adapter_id] = slot
+        self.adapter_in[slot] = adapter_id
+        self._take(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        assert self.refcount[slot] > 0, f"slot {slot} released more often than acquired"
+        self.refcount[slot] -= 1
+        if self.refcount[slot] == 0:
+            self._idle[slot] = None  # most recently used goes last
+
+    def evict(self, adapter_id: str) -> bool:
+        """Drop an idle adapter from its slot (unload). False if it is in use or absent."""
+        slot = self.slot_of.get(adapter_id)
+        if slot is None or self.refcount[slot] > 0:
+            return False
+        self._clear(slot)
+        del self.slot_of[adapter_id]
+        self.adapter_in[slot] = None
+        self._idle.move_to_end(slot, last=False)
+        return True
+
+    def _take(self, slot: int) -> None:
+        self.refcount[slot] += 1
+        self._idle.pop(slot, None)
+
+    # --- weights --------------------------------------------------------------------------
+
+    def _clear(self, slot: int) -> None:
+        bit = 1 << slot
+        for layer in self.layers:
+            for m in layer.values():
+                if m.slots_mask & bit:
+                    m.a[slot].zero_()
+                    m.b[slot].zero_()
+                    m.scale[slot] = 0.0
+                    m.slots_mask &= ~bit
+        self.slot_rank[slot] = 0
+
+    def _write(self, slot: int, adapter: LoadedAdapter) -> None:
+        self._clear(slot)
+        bit = 1 << slot
+        for (layer, proj), (lora_a, lora_b) in adapter.weights.items():
+            m = self.layers[layer][proj]
+            r = lora_a.shape[0]
+            m.a[slot, :r].copy_(lora_a)  # [r, H_in]
+            m.b[slot, :r].copy_(lora_b.t())  # [H_out, r] -> [r, H_out]
+            m.scale[slot] = adapter.spec.modules[(layer, proj)].scale
+            m.slots_mask |= bit
+        self.slot_rank[slot] = adapter.spec.rank

@@ -1,0 +1,107 @@
+"""Per-request decoding parameters and the sampler that applies them to a batch of logits.
+
+Greedy rows are one batched argmax. Sampled rows each use their own torch.Generator, seeded
+from the request, so a seeded request draws the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+
+from lorad.errors import InvalidRequestError
+
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    repetition_penalty: float = 1.0  # 1 = off
+    stop: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise InvalidRequestError(f"{name}: {why}")
+
+        if self.max_new_tokens < 1:
+            bad("max_new_tokens", f"must be at least 1, got {self.max_new_tokens}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            bad("temperature", f"must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if not math.isfinite(self.top_p) or not (0 < self.top_p <= 1):
+            bad("top_p", f"must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.top_k < 0:
+            bad("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad("repetition_penalty", f"must be a finite number > 0 (1 = off), got {self.repetition_penalty}")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            bad("seed", f"must be in [0, 2^63), got {self.seed}")
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            bad("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(self.stop)}")
+        for s in self.stop:
+            if not s or len(s) > MAX_STOP_LENGTH:
+                bad("stop", f"each stop sequence must have 1 to {MAX_STOP_LENGTH} characters, got {len(s)}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def make_generator(params: SamplingParams) -> torch.Generator | None:
+    """A CPU generator for sampled requests (seeded from the request or at random)."""
+    if params.greedy:
+        return None
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+    return gen
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> None:
+    """HF semantics, in place on one row: divide positive logits of seen tokens, multiply negative ones.
+
+    logits: [V]; seen: [n] int64 token ids already in the prompt or the output.
+    """
+    values = logits.index_select(0, seen)
+    logits.index_copy_(0, seen, torch.where(values > 0, values / penalty, values * penalty))
+
+
+def _sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+    """logits: [V] float32 on the CPU."""
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # drop tokens once the mass before them already reaches top_p (keeps at least one)
+        drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def sample_tokens(
+    logits: torch.Tensor,  # [B, V] float32
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    seen: list[torch.Tensor | None],  # per row: token ids for the repetition penalty, or None
+) -> list[int]:
+    logits = logits.float().cpu()
+    for row, p in enumerate(params):
+        if p.repetition_penalty != 1.0 and seen[row] is not None and seen[row].numel():
+            apply_repetition_penalty(logits[row], seen[row], p.repetition_penalty)
+    tokens = logits.argmax(dim=-1).tolist()
+    for row, p in enumerate(params):
+        if not p.greedy:
+            tokens[row] = _sample_row(logits[row], p, generators[row])
+    return tokens

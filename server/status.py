@@ -1,0 +1,37 @@
+"""lorad errors -> gRPC status codes. The only place that knows both."""
+
+from __future__ import annotations
+
+import grpc
+
+from lorad.errors import (
+    AdapterNotFoundError,
+    ConfigError,
+    EngineStoppedError,
+    InvalidAdapterError,
+    InvalidRequestError,
+    LoradError,
+    QueueFullError,
+)
+
+_CODES: list[tuple[type, grpc.StatusCode]] = [
+    (AdapterNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (InvalidAdapterError, grpc.StatusCode.FAILED_PRECONDITION),
+    (EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    for kind, code in _CODES:
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def message_for(error: BaseException) -> str:
+    if isinstance(error, LoradError):
+        return str(error)
+    return "internal error; see the server log"
