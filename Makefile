@@ -21,13 +21,14 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 install: $(VENV)/.installed
 
 # Start the server on the embedded default base (SmolLM2-135M-Instruct, NF4) with the
-# adapters in ./adapters (created if missing).
+# adapters in ./adapters (created with two small demo adapters if missing).
 serve: install
 	mkdir -p $(ADAPTERS)
+	$(PY) -m lorad.demo $(ADAPTERS)
 	$(VENV)/bin/lorad serve --host $(HOST) --port $(PORT) --adapters $(ADAPTERS)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(VENV)/bin/pytest -q tests
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/lorad/v1/lorad.proto

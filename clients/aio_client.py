@@ -35,7 +35,7 @@ class AsyncClient:
         try:
             async for message in call:
                 if message.HasField("chunk"):
-                    yield Chunk(message.chunk.text, list(message.chunk.token_ids))
+                    yield Chunk(message.chunk.text, list(message.chunk.token_ids), list(message.chunk.token_logprobs))
                 else:
                     yield Completion.from_proto(message.final)
         except grpc.RpcError as err:

@@ -16,7 +16,7 @@ class Client:
     """One channel to a lorad server. Every call takes `timeout` seconds (None = no deadline).
 
     generate / stream accept the GenerateRequest fields as keyword arguments: messages,
-    adapter_id, max_new_tokens, temperature, top_p, top_k, seed, repetition_penalty, stop.
+    adapter_id, max_new_tokens, temperature, top_p, top_k, seed, repetition_penalty, stop, logprobs.
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 300.0,
@@ -40,7 +40,7 @@ class Client:
         try:
             for message in call:
                 if message.HasField("chunk"):
-                    yield Chunk(message.chunk.text, list(message.chunk.token_ids))
+                    yield Chunk(message.chunk.text, list(message.chunk.token_ids), list(message.chunk.token_logprobs))
                 else:
                     yield Completion.from_proto(message.final)
         except grpc.RpcError as err:

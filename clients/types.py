@@ -41,6 +41,7 @@ class Completion:
     finish_reason: str  # length | eos | stop | cancelled
     prompt_tokens: int
     completion_tokens: int
+    token_logprobs: list[float] = field(default_factory=list)  # when asked for with logprobs=True
 
     @classmethod
     def from_proto(cls, msg: lorad_pb2.GenerateResponse) -> "Completion":
@@ -50,6 +51,7 @@ class Completion:
             finish_reason=FINISH_REASON_NAMES.get(msg.finish_reason, "unspecified"),
             prompt_tokens=msg.prompt_tokens,
             completion_tokens=msg.completion_tokens,
+            token_logprobs=list(msg.token_logprobs),
         )
 
 
@@ -59,6 +61,7 @@ class Chunk:
 
     text: str
     token_ids: list[int]
+    token_logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -105,6 +108,7 @@ def build_request(
     seed: int | None = None,
     repetition_penalty: float = 0.0,
     stop: list[str] | tuple[str, ...] = (),
+    logprobs: bool = False,
 ) -> lorad_pb2.GenerateRequest:
     """0 / empty means 'server default' or 'off' for every numeric field (see lorad.proto)."""
     if (prompt is None) == (messages is None):
@@ -119,6 +123,7 @@ def build_request(
         top_k=top_k,
         repetition_penalty=repetition_penalty,
         stop=list(stop),
+        logprobs=logprobs,
     )
     if seed is not None:
         request.seed = seed

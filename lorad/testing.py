@@ -88,3 +88,45 @@ def tiny_llama(vocab_size: int, *, seed: int = 0, layers: int = 2, hidden: int =
     model = LlamaForCausalLM(config).eval()
     model.requires_grad_(False)
     return model
+
+
+class ServerThread:
+    """A real lorad gRPC server on its own event loop thread, for tests and benchmarks.
+
+        with ServerThread(config, base) as srv:
+            Client(f"127.0.0.1:{srv.port}").generate(...)
+    """
+
+    def __init__(self, config, base=None):
+        import asyncio
+        import threading
+
+        from lorad.server.app import LoradServer
+
+        self._asyncio = asyncio
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="lorad-test-server", daemon=True)
+        self.thread.start()
+        self.server = LoradServer(config, base=base)
+        self._start = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop)
+        self.port = None
+
+    def wait_started(self, timeout: float = 120.0) -> int:
+        self.port = self._start.result(timeout)
+        return self.port
+
+    @property
+    def engine(self):
+        return self.server.engine
+
+    def stop(self, grace: float = 1.0) -> None:
+        self._asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def __enter__(self) -> "ServerThread":
+        self.wait_started()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

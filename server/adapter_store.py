@@ -32,6 +32,8 @@ class AdapterStore:
         self.host_capacity = host_capacity
         self._host: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self._loading: dict[str, Future] = {}
+        # adapter id -> (files' mtime, error) of the last failed load; listed until the files change
+        self._failed: dict[str, tuple[int, InvalidAdapterError]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorad-adapter-loader")
 
@@ -66,7 +68,13 @@ class AdapterStore:
         return ids
 
     def inspect(self, adapter_id: str) -> AdapterSpec:
-        return inspect_adapter(self.path_for(adapter_id), adapter_id, self.geometry, self.max_rank)
+        """Header-level validation; also reports the error of a failed load of unchanged files."""
+        path = self.path_for(adapter_id)
+        with self._lock:
+            failed = self._failed.get(adapter_id)
+        if failed is not None and failed[0] == _files_mtime(path):
+            raise failed[1]
+        return inspect_adapter(path, adapter_id, self.geometry, self.max_rank)
 
     # --- host cache -------------------------------------------------------------------------
 
@@ -103,6 +111,7 @@ class AdapterStore:
             adapter = load_adapter(self.path_for(adapter_id), adapter_id, self.geometry, self.max_rank)
             adapter.load_seconds = time.perf_counter() - started
             with self._lock:
+                self._failed.pop(adapter_id, None)
                 self._host[adapter_id] = adapter
                 self._host.move_to_end(adapter_id)
                 while len(self._host) > self.host_capacity:
@@ -110,10 +119,14 @@ class AdapterStore:
                     log.info("host cache: evicted adapter %s", evicted)
             log.info("loaded adapter %s (rank %d, %d modules)", adapter_id, adapter.spec.rank, len(adapter.weights))
             return adapter
-        except (AdapterNotFoundError, InvalidAdapterError):
+        except AdapterNotFoundError:
             raise
         except Exception as exc:  # an unexpected reader failure still becomes an adapter error
-            raise InvalidAdapterError(f"adapter {adapter_id!r} could not be loaded: {exc}") from exc
+            error = exc if isinstance(exc, InvalidAdapterError) else InvalidAdapterError(
+                f"adapter {adapter_id!r} could not be loaded: {exc}")
+            with self._lock:
+                self._failed[adapter_id] = (_files_mtime(self.root / adapter_id), error)
+            raise error from exc
         finally:
             with self._lock:
                 self._loading.pop(adapter_id, None)
@@ -124,3 +137,11 @@ class AdapterStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _files_mtime(path: Path) -> int:
+    """Newest modification time of an adapter folder's files (0 if unreadable)."""
+    try:
+        return max((f.stat().st_mtime_ns for f in path.iterdir()), default=0)
+    except OSError:
+        return 0

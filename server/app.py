@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,8 +33,8 @@ SERVICE_NAME = lorad_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
 
 
 class LoradServer:
-    def __init__(self, config: ServerConfig, base: LoadedBase | None = None):
-        """base: an already loaded base (tests); None loads config.base at start."""
+    def __init__(self, config: ServerConfig, base: LoadedBase | Callable[[], LoadedBase] | None = None):
+        """base: a loaded base, or a function that loads one (tests); None loads config.base."""
         self.config = config
         self._preloaded = base
         self.metrics = Metrics()
@@ -69,13 +70,18 @@ class LoradServer:
             log.info("Prometheus metrics on http://%s:%d/metrics", cfg.metrics_host or cfg.host, self.metrics_port)
 
         loop = asyncio.get_running_loop()
-        base = self._preloaded or await loop.run_in_executor(None, load_base, cfg.base)
+        if isinstance(self._preloaded, LoadedBase):
+            base = self._preloaded
+        else:
+            loader = self._preloaded or (lambda: load_base(cfg.base))
+            base = await loop.run_in_executor(None, loader)
         self.engine = Engine(base, cfg.engine, cfg.adapters_dir, observer=self.metrics).start()
         self.metrics.watch_device(base.device)
         self.metrics.memory.labels("kv_cache").set(self.engine.kv.nbytes)
         self.metrics.memory.labels("adapter_slots").set(self.engine.pool.nbytes)
         self.metrics.memory.labels("base_weights").set(base.model.get_memory_footprint())
         self.metrics.slots(0, cfg.engine.max_loras)
+        self.service.base_name = base.resolved.display_name
         self.service.engine = self.engine
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)

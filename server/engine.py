@@ -64,6 +64,7 @@ class Event:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[float] = field(default_factory=list)  # when the request asked for them
     error: LoradError | None = None
 
 
@@ -81,6 +82,7 @@ class Request:
     row: int = -1
     num_cached: int = 0  # tokens of prompt + output already in the KV cache
     output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
     generator: torch.Generator | None = None
     seen: set[int] | None = None  # token ids for the repetition penalty
     cancelled: bool = False
@@ -438,6 +440,7 @@ class Engine:
         )
         return [(r, picks[r.id]) for r in ordered], sum(picks.values())
 
+    @torch.inference_mode()
     def _step(self) -> None:
         started = time.perf_counter()
         work, num_tokens = self._schedule()
@@ -493,8 +496,9 @@ class Engine:
             torch.tensor(sorted(r.seen), dtype=torch.int64) if r.seen is not None else None for r in sampled
         ]
         tokens = sample_tokens(logits, params, gens, seen)
+        logprobs = self._chosen_logprobs(sampled, logits, tokens)
         now = time.monotonic()
-        for request, token, ok in zip(sampled, tokens, finite):
+        for request, token, ok, logprob in zip(sampled, tokens, finite, logprobs):
             if not ok:
                 self.observer.request_failed("non_finite")
                 self.kv.clear_row(request.row)  # never let NaN reach a later occupant of the row
@@ -511,17 +515,33 @@ class Engine:
             else:
                 self.observer.first_token(now - request.arrival)
             request.last_token_at = now
-            if token in self.eos_ids:
+            if token in self.eos_ids and not request.params.ignore_eos:
                 self._finish(request, FINISH_EOS)
                 continue
             request.output_ids.append(token)
             if request.seen is not None:
                 request.seen.add(token)
-            self._deliver(request, Event("chunk", text=request.detok.add(token), token_ids=[token]))
+            chunk = Event("chunk", text=request.detok.add(token), token_ids=[token])
+            if logprob is not None:
+                request.output_logprobs.append(logprob)
+                chunk.logprobs = [logprob]
+            self._deliver(request, chunk)
             if request.detok.stopped:
                 self._finish(request, FINISH_STOP)
             elif len(request.output_ids) >= request.params.max_new_tokens or request.total_len >= self.max_seq_len:
                 self._finish(request, FINISH_LENGTH)
+
+    @staticmethod
+    def _chosen_logprobs(sampled: list[Request], logits: torch.Tensor, tokens: list[int]) -> list[float | None]:
+        rows = [i for i, r in enumerate(sampled) if r.params.logprobs]
+        out: list[float | None] = [None] * len(sampled)
+        if rows:
+            index = torch.tensor(rows, device=logits.device)
+            chosen = torch.tensor([tokens[i] for i in rows], device=logits.device)
+            values = torch.log_softmax(logits.index_select(0, index), dim=-1).gather(1, chosen[:, None])[:, 0]
+            for i, value in zip(rows, values.tolist()):
+                out[i] = value
+        return out
 
     # --- retiring requests ---------------------------------------------------------------------
 
@@ -563,6 +583,7 @@ class Engine:
                 finish_reason=reason,
                 prompt_tokens=len(request.prompt_ids),
                 completion_tokens=completion,
+                logprobs=list(request.output_logprobs),
             ),
             tail=tail,
         )

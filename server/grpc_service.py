@@ -45,6 +45,7 @@ def sampling_params_from(request: lorad_pb2.GenerateRequest, default_max_new_tok
         seed=request.seed if request.HasField("seed") else None,
         repetition_penalty=request.repetition_penalty or 1.0,
         stop=tuple(request.stop),
+        logprobs=request.logprobs,
     )
 
 
@@ -55,6 +56,7 @@ def final_response(event: Event) -> lorad_pb2.GenerateResponse:
         finish_reason=FINISH_REASONS[event.finish_reason],
         prompt_tokens=event.prompt_tokens,
         completion_tokens=event.completion_tokens,
+        token_logprobs=event.logprobs,
     )
 
 
@@ -119,7 +121,7 @@ class GeneratorService(lorad_pb2_grpc.GeneratorServicer):
                 event = await events.get()
                 if event.kind == "chunk":
                     yield lorad_pb2.GenerateStreamResponse(
-                        chunk=lorad_pb2.TokenChunk(text=event.text, token_ids=event.token_ids)
+                        chunk=lorad_pb2.TokenChunk(text=event.text, token_ids=event.token_ids, token_logprobs=event.logprobs)
                     )
                 elif event.kind == "final":
                     yield lorad_pb2.GenerateStreamResponse(final=final_response(event))

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lorad.geometry import PROJECTIONS, ModelGeometry
+from lorad.geometry import ATTENTION_PROJECTIONS, PROJECTIONS, ModelGeometry
 from lorad.kernels import LoRABatchMeta, lora_expand, lora_shrink
 
 from lorad.server.kv_cache import KVCache
 from lorad.server.lora_slots import LoRASlotPool
+from lorad.server.nf4_cpu import wrap_linear
 
 
 @dataclass
@@ -75,7 +76,7 @@ class LlamaRunner:
                 (
                     layer.input_layernorm,
                     layer.post_attention_layernorm,
-                    {p: getattr(attn if p in ("q_proj", "k_proj", "v_proj", "o_proj") else mlp, p) for p in PROJECTIONS},
+                    {p: wrap_linear(getattr(attn if p in ATTENTION_PROJECTIONS else mlp, p)) for p in PROJECTIONS},
                     mlp.act_fn,
                 )
             )

@@ -27,6 +27,8 @@ class SamplingParams:
     seed: int | None = None
     repetition_penalty: float = 1.0  # 1 = off
     stop: tuple[str, ...] = field(default=())
+    logprobs: bool = False  # report each generated token's log-probability
+    ignore_eos: bool = False  # benchmarks only: generate exactly max_new_tokens
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:

@@ -24,33 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lorad/v1/lorad.proto\x12\x08lorad.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xef\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.lorad.v1.ChatMessage\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12\x0c\n\x04stop\x18\n \x03(\tB\x07\n\x05_seed\"\x94\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.lorad.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\"u\n\x16GenerateStreamResponse\x12%\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x14.lorad.v1.TokenChunkH\x00\x12+\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1a.lorad.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"-\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\x15\n\x13ListAdaptersRequest\"\xa3\x01\n\x0b\x41\x64\x61pterInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12+\n\x08location\x18\x05 \x01(\x0e\x32\x19.lorad.v1.AdapterLocation\x12\x12\n\nlora_alpha\x18\x06 \x01(\x02\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"}\n\x14ListAdaptersResponse\x12\'\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x15.lorad.v1.AdapterInfo\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x11\n\tmax_loras\x18\x03 \x01(\r\x12\x15\n\rmax_lora_rank\x18\x04 \x01(\r*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*\x86\x01\n\x0f\x41\x64\x61pterLocation\x12 \n\x1c\x41\x44\x41PTER_LOCATION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_LOCATION_DISK\x10\x01\x12\x19\n\x15\x41\x44\x41PTER_LOCATION_HOST\x10\x02\x12\x1b\n\x17\x41\x44\x41PTER_LOCATION_DEVICE\x10\x03\x32\xee\x01\n\tGenerator\x12\x41\n\x08Generate\x12\x19.lorad.v1.GenerateRequest\x1a\x1a.lorad.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x19.lorad.v1.GenerateRequest\x1a .lorad.v1.GenerateStreamResponse0\x01\x12M\n\x0cListAdapters\x12\x1d.lorad.v1.ListAdaptersRequest\x1a\x1e.lorad.v1.ListAdaptersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lorad/v1/lorad.proto\x12\x08lorad.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x81\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.lorad.v1.ChatMessage\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x42\x07\n\x05_seed\"\xac\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.lorad.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x16\n\x0etoken_logprobs\x18\x06 \x03(\x02\"u\n\x16GenerateStreamResponse\x12%\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x14.lorad.v1.TokenChunkH\x00\x12+\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1a.lorad.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"E\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x16\n\x0etoken_logprobs\x18\x03 \x03(\x02\"\x15\n\x13ListAdaptersRequest\"\xa3\x01\n\x0b\x41\x64\x61pterInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12+\n\x08location\x18\x05 \x01(\x0e\x32\x19.lorad.v1.AdapterLocation\x12\x12\n\nlora_alpha\x18\x06 \x01(\x02\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"}\n\x14ListAdaptersResponse\x12\'\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x15.lorad.v1.AdapterInfo\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x11\n\tmax_loras\x18\x03 \x01(\r\x12\x15\n\rmax_lora_rank\x18\x04 \x01(\r*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*\x86\x01\n\x0f\x41\x64\x61pterLocation\x12 \n\x1c\x41\x44\x41PTER_LOCATION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_LOCATION_DISK\x10\x01\x12\x19\n\x15\x41\x44\x41PTER_LOCATION_HOST\x10\x02\x12\x1b\n\x17\x41\x44\x41PTER_LOCATION_DEVICE\x10\x03\x32\xee\x01\n\tGenerator\x12\x41\n\x08Generate\x12\x19.lorad.v1.GenerateRequest\x1a\x1a.lorad.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x19.lorad.v1.GenerateRequest\x1a .lorad.v1.GenerateStreamResponse0\x01\x12M\n\x0cListAdapters\x12\x1d.lorad.v1.ListAdaptersRequest\x1a\x1e.lorad.v1.ListAdaptersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lorad.v1.lorad_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=956
-  _globals['_FINISHREASON']._serialized_end=1103
-  _globals['_ADAPTERLOCATION']._serialized_start=1106
-  _globals['_ADAPTERLOCATION']._serialized_end=1240
+  _globals['_FINISHREASON']._serialized_start=1022
+  _globals['_FINISHREASON']._serialized_end=1169
+  _globals['_ADAPTERLOCATION']._serialized_start=1172
+  _globals['_ADAPTERLOCATION']._serialized_end=1306
   _globals['_CHATMESSAGE']._serialized_start=34
   _globals['_CHATMESSAGE']._serialized_end=78
   _globals['_GENERATEREQUEST']._serialized_start=81
-  _globals['_GENERATEREQUEST']._serialized_end=320
-  _globals['_GENERATERESPONSE']._serialized_start=323
-  _globals['_GENERATERESPONSE']._serialized_end=471
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=473
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=590
-  _globals['_TOKENCHUNK']._serialized_start=592
-  _globals['_TOKENCHUNK']._serialized_end=637
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=639
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=660
-  _globals['_ADAPTERINFO']._serialized_start=663
-  _globals['_ADAPTERINFO']._serialized_end=826
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=828
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=953
-  _globals['_GENERATOR']._serialized_start=1243
-  _globals['_GENERATOR']._serialized_end=1481
+  _globals['_GENERATEREQUEST']._serialized_end=338
+  _globals['_GENERATERESPONSE']._serialized_start=341
+  _globals['_GENERATERESPONSE']._serialized_end=513
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=515
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=632
+  _globals['_TOKENCHUNK']._serialized_start=634
+  _globals['_TOKENCHUNK']._serialized_end=703
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=705
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=726
+  _globals['_ADAPTERINFO']._serialized_start=729
+  _globals['_ADAPTERINFO']._serialized_end=892
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=894
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1019
+  _globals['_GENERATOR']._serialized_start=1309
+  _globals['_GENERATOR']._serialized_end=1547
 # @@protoc_insertion_point(module_scope)

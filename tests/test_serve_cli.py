@@ -1,0 +1,96 @@
+"""`lorad serve` as a user runs it: a real process on the embedded base, queried by `lorad generate`."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lorad.cli import main
+from lorad.demo import write_demo_adapters
+
+LORAD = str(Path(sys.executable).with_name("lorad"))
+
+
+def _run(*args, timeout=120):
+    return subprocess.run([LORAD, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, smollm_dir):
+    adapters = tmp_path_factory.mktemp("served-adapters")
+    write_demo_adapters(adapters)
+    log = tmp_path_factory.mktemp("log") / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [LORAD, "serve", "--port", "0", "--metrics-port", "-1", "--adapters", str(adapters),
+             "--max-seq-len", "512", "--kv-cache-memory", "256MiB"],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
+    port = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        text = log.read_text()
+        m = re.search(r"gRPC listening on 127\.0\.0\.1:(\d+)", text)
+        if m and "serving smollm2-135m-instruct" in text:
+            port = m.group(1)
+            break
+        time.sleep(0.2)
+    assert port, f"server did not come up:\n{log.read_text()[-3000:]}"
+    yield f"127.0.0.1:{port}", proc, log
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.mark.slow
+def test_quickstart_requests_with_and_without_adapter(served):
+    target, _, _ = served
+    question = "What is the capital of France?"
+    base = _run("generate", "--target", target, "--max-new-tokens", "24", question)
+    demo_a = _run("generate", "--target", target, "--adapter", "demo-a", "--max-new-tokens", "24", question)
+    demo_b = _run("generate", "--target", target, "--adapter", "demo-b", "--stream", "--max-new-tokens", "24", question)
+    for result in (base, demo_a, demo_b):
+        assert result.returncode == 0, result.stderr
+    assert "Paris" in base.stdout  # coherent text from the real base
+    outputs = {base.stdout.strip(), demo_a.stdout.strip(), demo_b.stdout.strip()}
+    assert len(outputs) == 3  # each adapter changes the answer
+    listing = _run("adapters", "--target", target)
+    assert "demo-a" in listing.stdout and "device" in listing.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_shuts_down_cleanly(served):
+    _, proc, log = served
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert "shutting down" in log.read_text()
+
+
+def test_serve_help_explains_the_options():
+    result = CliRunner().invoke(main, ["serve", "--help"])
+    assert result.exit_code == 0
+    for option in ("--base", "--adapters", "--max-loras", "--max-cpu-loras", "--kv-cache-memory", "--metrics-port"):
+        assert option in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--base", "no-such-model-alias"], "neither a known alias"),
+        (["--adapters", "/no/such/folder"], "is not a folder"),
+        (["--kv-cache-memory", "lots"], "not a size"),
+        (["--max-loras", "0"], "max_loras"),
+        (["--port", "70000"], "port"),
+    ],
+)
+def test_serve_refuses_bad_options_with_a_message(args, message):
+    result = _run("serve", "--metrics-port", "-1", *args, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
