@@ -59,3 +59,9 @@ def tiny_geometry(tiny_base) -> ModelGeometry:
 @pytest.fixture(scope="session")
 def smollm_geometry(smollm_base) -> ModelGeometry:
     return ModelGeometry.from_hf_config(smollm_base.model.config)
+
+
+@pytest.fixture(scope="session")
+def smollm_base_fp32(smollm_dir) -> LoadedBase:
+    """The real embedded base, unquantized float32 (for exact-parity checks)."""
+    return load_base(BaseModelConfig(quant="none"))

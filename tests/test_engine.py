@@ -348,3 +348,46 @@ def test_kv_budget_bounds_running_requests(tiny_base, tiny_geometry):
         assert all(s.final().completion_tokens == 5 for s in sinks)
     finally:
         eng.stop()
+
+
+def test_adapter_loading_never_stalls_running_requests(tiny_base, tiny_geometry, tmp_path, monkeypatch):
+    """A slow disk read runs beside the engine: a running request keeps getting tokens meanwhile."""
+    import lorad.server.adapter_store as store_module
+
+    write_random_adapter(tmp_path / "slow", tiny_geometry, rank=4, seed=5, b_std=0.5)
+    real_load = store_module.load_adapter
+    loading = threading.Event()
+
+    def slow_load(*args, **kwargs):
+        loading.set()
+        time.sleep(1.0)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(store_module, "load_adapter", slow_load)
+    eng = make_engine(tiny_base, adapters_dir=tmp_path)
+    try:
+        ids = eng.encode(PROMPTS[0])
+        runner = Collector()
+        eng.submit(ids, SamplingParams(max_new_tokens=200, ignore_eos=True), runner)
+        while not runner.events:
+            time.sleep(0.005)
+        waiter = Collector()
+        eng.submit(ids, SamplingParams(max_new_tokens=3, ignore_eos=True), waiter, adapter_id="slow")
+        assert loading.wait(10)
+        before = len(runner.events)
+        time.sleep(0.5)  # in the middle of the 1 s load
+        assert len(runner.events) > before + 5  # the running request kept decoding
+        assert waiter.final().completion_tokens == 3
+    finally:
+        eng.stop()
+
+
+def test_adapters_added_after_start_are_found(tiny_base, tiny_geometry, tmp_path):
+    eng = make_engine(tiny_base, adapters_dir=tmp_path)
+    try:
+        with pytest.raises(AdapterNotFoundError):
+            eng.submit([1, 2, 3], SamplingParams(max_new_tokens=2), lambda e: None, adapter_id="late")
+        write_random_adapter(tmp_path / "late", tiny_geometry, rank=4, seed=6)
+        assert eng.generate([1, 2, 3], SamplingParams(max_new_tokens=2, ignore_eos=True), adapter_id="late").completion_tokens == 2
+    finally:
+        eng.stop()

@@ -1,14 +1,20 @@
 """The top-level correctness test: one mixed batch equals each adapter served alone by PEFT.
 
-Real SmolLM2-135M base in NF4, three PEFT adapters created by PEFT itself with
-init_lora_weights=False (different ranks and targets), mixed with base-only requests in ONE
-engine batch. Every row must produce the same greedy tokens as PEFT with that adapter alone
-(batch of one, no padding), and the log-probability the engine reports for every generated
-token must match PEFT's teacher-forced log-probability within LOGPROB_TOL.
+Real SmolLM2-135M-Instruct, three adapters created and saved by PEFT itself with
+init_lora_weights=False (ranks 8, 16 and 4; all projections, attention only, MLP only), mixed
+with base-only rows in ONE engine batch. Each row is compared with PEFT serving that adapter
+alone (a batch of one, no padding):
 
-Why a tolerance and not bit equality: both sides run the same bitsandbytes NF4 kernel for the
-base projections, but attention, LoRA and the lm_head accumulate in a different order
-(one packed batch vs one sequence), which moves float32 logits by ~1e-4.
+* float32 base: the same greedy tokens, and every generated token's log-probability within
+  FP32_LOGPROB_TOL of PEFT's (only the summation order differs).
+* NF4 base (what lorad serves): bitsandbytes' CPU kernel rounds activations to bf16, so a
+  1e-7 change in an input (another batch shape, another summation order) can flip a rounding
+  and move a logit by ~0.1; HF's own logits for one position differ by that much between a
+  full forward and an incremental one. The tolerance is therefore measured, not guessed: per
+  row, the engine may differ from PEFT's teacher-forced log-probabilities by at most twice
+  what PEFT's incremental decoding differs from them, plus NF4_LOGPROB_ATOL. Greedy tokens
+  must be equal; where they are not, PEFT's own top-1 margin over the engine's token must be
+  within that tolerance (a tie at the noise level), and comparison stops there.
 """
 
 from __future__ import annotations
@@ -24,13 +30,14 @@ from lorad.server.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 
-NEW_TOKENS = 20
-LOGPROB_TOL = 2e-3
+NEW_TOKENS = 16
+FP32_LOGPROB_TOL = 1e-3
+NF4_LOGPROB_ATOL = 0.05
 ADAPTERS = {
-    # id: (rank, alpha, targets)
-    "r8-all": (8, 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-    "r16-attn": (16, 16, ["q_proj", "k_proj", "v_proj", "o_proj"]),
-    "r4-mlp": (4, 8, ["gate_proj", "up_proj", "down_proj"]),
+    # id: (rank, alpha, targets, scale applied to PEFT's random lora_B)
+    "r8-all": (8, 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 0.3),
+    "r16-attn": (16, 16, ["q_proj", "k_proj", "v_proj", "o_proj"], 0.5),
+    "r4-mlp": (4, 8, ["gate_proj", "up_proj", "down_proj"], 1.0),
 }
 QUESTIONS = [
     "What is the capital of France?",
@@ -46,22 +53,22 @@ BATCH = [None, "r8-all", "r16-attn", "r4-mlp", "r8-all", None, "r4-mlp", "r16-at
 
 
 @pytest.fixture(scope="module")
-def adapters_dir(smollm_base, tmp_path_factory):
-    """Three adapters made and saved by PEFT on the real base, B scaled so text stays fluent."""
+def adapters_dir(smollm_base_fp32, tmp_path_factory):
+    """Three adapters made and saved by PEFT with its own random init (B scaled to keep text readable)."""
     from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("oracle-adapters")
-    for i, (name, (rank, alpha, targets)) in enumerate(ADAPTERS.items()):
+    for i, (name, (rank, alpha, targets, b_scale)) in enumerate(ADAPTERS.items()):
         torch.manual_seed(100 + i)
         peft_model = get_peft_model(
-            smollm_base.model,
+            smollm_base_fp32.model,
             LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False),
         )
         try:
             with torch.no_grad():
                 for module in peft_model.modules():
-                    if hasattr(module, "lora_B") and "default" in getattr(module, "lora_B", {}):
-                        module.lora_B["default"].weight.mul_(0.3)
+                    if hasattr(module, "lora_B") and "default" in module.lora_B:
+                        module.lora_B["default"].weight.mul_(b_scale)
             peft_model.save_pretrained(root / name)
         finally:
             peft_model.unload()  # leaves the shared base without LoRA layers
@@ -76,12 +83,15 @@ def _prompts(tokenizer):
     return ids
 
 
-@pytest.fixture(scope="module")
-def engine_rows(smollm_base, adapters_dir):
-    """Serve the whole mixed batch at once; return (tokens, logprobs) per row."""
-    engine = Engine(smollm_base, EngineConfig(max_seq_len=256, kv_cache_memory="256MiB", max_lora_rank=16),
+def serve_mixed_batch(base, adapters_dir):
+    """All rows submitted at once to one engine.
+
+    Returns ([(tokens, logprobs)], engine steps); tokens end with the EOS id when the row stopped
+    there (the engine itself does not return EOS), logprobs cover the other tokens.
+    """
+    engine = Engine(base, EngineConfig(max_seq_len=256, kv_cache_memory="256MiB", max_lora_rank=16),
                     adapters_dir=str(adapters_dir))
-    prompts = _prompts(smollm_base.tokenizer)
+    prompts = _prompts(base.tokenizer)
     results: list = [None] * len(BATCH)
     done = threading.Semaphore(0)
 
@@ -93,66 +103,114 @@ def engine_rows(smollm_base, adapters_dir):
         return sink
 
     with engine:
-        # warm the adapters first so all rows join the same batch
-        for a in ADAPTERS:
+        for a in ADAPTERS:  # adapters resident first, so every row joins the same batch
             engine.generate(prompts[0], SamplingParams(max_new_tokens=1), adapter_id=a)
+        steps_before = engine.steps
         for i, (ids, adapter) in enumerate(zip(prompts, BATCH)):
-            engine.submit(ids, SamplingParams(max_new_tokens=NEW_TOKENS, logprobs=True, ignore_eos=True),
-                          sink_for(i), adapter_id=adapter)
+            engine.submit(ids, SamplingParams(max_new_tokens=NEW_TOKENS, logprobs=True), sink_for(i),
+                          adapter_id=adapter)
         for _ in BATCH:
-            assert done.acquire(timeout=600)
-        steps = engine.steps
+            assert done.acquire(timeout=900)
+        steps = engine.steps - steps_before
     assert all(r.kind == "final" for r in results), [r.error for r in results if r.kind != "final"]
-    return [(r.token_ids, r.logprobs) for r in results], steps
+    eos = base.tokenizer.eos_token_id
+    return [(r.token_ids + ([eos] if r.finish_reason == "eos" else []), r.logprobs) for r in results], steps
 
 
-@pytest.fixture(scope="module")
-def peft_rows(smollm_base, adapters_dir, engine_rows):
-    """PEFT alone: each row greedy-generated in a batch of one, and teacher-forced on the engine's tokens."""
+def peft_alone(base, adapters_dir, engine_rows):
+    """PEFT, one row at a time: greedy tokens with their incremental log-probs, the base's greedy
+    tokens on the same prompt, and full teacher-forced log-probs over the engine's tokens."""
     from peft import PeftModel
 
     names = list(ADAPTERS)
-    model = PeftModel.from_pretrained(smollm_base.model, adapters_dir / names[0], adapter_name=names[0])
+    model = PeftModel.from_pretrained(base.model, adapters_dir / names[0], adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(adapters_dir / name, adapter_name=name)
     model.eval()
-    rows, base_rows = [], []
+    pad = base.tokenizer.pad_token_id
+
+    eos = base.tokenizer.eos_token_id
+
+    def greedy(ids):
+        """Tokens up to and including EOS, and the raw log-probs of every decoding step."""
+        out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad,
+                             eos_token_id=eos, output_logits=True, return_dict_in_generate=True)
+        tokens = out.sequences[0, len(ids):].tolist()
+        if eos in tokens:
+            tokens = tokens[: tokens.index(eos) + 1]
+        scores = torch.stack([torch.log_softmax(s[0].float(), -1) for s in out.logits])[: len(tokens)]  # [n, V]
+        return tokens, scores
+
+    rows = []
     try:
-        for ids, adapter, (engine_tokens, _) in zip(_prompts(smollm_base.tokenizer), BATCH, engine_rows[0]):
-            with torch.no_grad(), model.disable_adapter():
-                base = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                      do_sample=False, pad_token_id=smollm_base.tokenizer.pad_token_id)
-            base_rows.append(base[0, len(ids):].tolist())
+        for ids, adapter, (engine_tokens, _) in zip(_prompts(base.tokenizer), BATCH, engine_rows):
             with torch.no_grad():
+                with model.disable_adapter():
+                    base_tokens, _ = greedy(ids)
                 if adapter is None:
                     context = model.disable_adapter()
                 else:
                     model.set_adapter(adapter)
                     context = torch.no_grad()
                 with context:
-                    out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                         do_sample=False, pad_token_id=smollm_base.tokenizer.pad_token_id)
-                    full = torch.tensor([ids + engine_tokens])
-                    logits = model(full).logits[0, len(ids) - 1 : -1].float()
-            logprobs = torch.log_softmax(logits, -1).gather(1, torch.tensor(engine_tokens)[:, None])[:, 0]
-            rows.append((out[0, len(ids):].tolist(), logprobs.tolist()))
+                    tokens, incremental = greedy(ids)
+                    logits = model(torch.tensor([ids + engine_tokens])).logits[0, len(ids) - 1 : -1].float()
+            rows.append({"tokens": tokens, "incremental": incremental, "forced": torch.log_softmax(logits, -1),
+                         "base_tokens": base_tokens})
     finally:
         model.unload()
-    return rows, base_rows
+    return rows
 
 
-def test_adapters_change_the_output(peft_rows):
-    """Guard against a vacuous pass: on its prompt, every adapter row's text differs from the base's."""
-    rows, base_rows = peft_rows
-    for i, adapter in enumerate(BATCH):
-        if adapter is not None:
-            assert rows[i][0] != base_rows[i], f"adapter {adapter} does not change row {i}"
+def check_rows(engine_rows, peft_rows, quantized: bool):
+    for i, ((tokens, logprobs), ref, adapter) in enumerate(zip(engine_rows, peft_rows, BATCH)):
+        label = f"row {i} ({adapter or 'base'})"
+        if adapter is not None:  # guard against a vacuous pass
+            assert ref["tokens"] != ref["base_tokens"], f"{label}: the adapter does not change PEFT's output"
+        forced = ref["forced"]  # [n, V], conditioned on the engine's tokens
+        n = len(tokens)
+        # positions where PEFT's greedy path and the engine agree so far
+        agree = next((j for j in range(n) if j >= len(ref["tokens"]) or tokens[j] != ref["tokens"][j]), n)
+        engine_lp = torch.tensor(logprobs[: agree + (agree < n)])  # no log-prob is reported for EOS
+        forced_lp = forced[torch.arange(len(engine_lp)), torch.tensor(tokens[: len(engine_lp)])]
+        diff = (engine_lp - forced_lp).abs().max().item() if len(engine_lp) else 0.0
+        if not quantized:
+            assert tokens == ref["tokens"], f"{label}: engine {tokens} vs PEFT alone {ref['tokens']}"
+            assert diff <= FP32_LOGPROB_TOL, f"{label}: log-probs differ by {diff:.2e}"
+            continue
+        incremental = ref["incremental"][: min(agree, n)]
+        floor = (incremental - forced[: len(incremental)]).abs().max().item() if len(incremental) else 0.0
+        tol = 2 * floor + NF4_LOGPROB_ATOL
+        assert diff <= tol, f"{label}: log-probs differ by {diff:.3f}, above 2 x {floor:.3f} + {NF4_LOGPROB_ATOL}"
+        if agree < n:
+            j = agree
+            margin = (forced[j, ref["tokens"][j]] - forced[j, tokens[j]]).item()
+            assert margin <= tol, (
+                f"{label}: token {j} is {tokens[j]}, PEFT alone picks {ref['tokens'][j]} by a margin of {margin:.3f} "
+                f"(above the NF4 noise tolerance {tol:.3f})")
 
 
-def test_mixed_batch_matches_each_adapter_alone(engine_rows, peft_rows):
-    rows, steps = engine_rows
-    assert steps < 2 * NEW_TOKENS + 10  # the rows really shared steps (one mixed batch), not one after another
-    for i, ((tokens, logprobs), (peft_tokens, peft_logprobs), adapter) in enumerate(zip(rows, peft_rows[0], BATCH)):
-        assert tokens == peft_tokens, f"row {i} ({adapter or 'base'}): engine {tokens} vs PEFT alone {peft_tokens}"
-        diff = max(abs(a - b) for a, b in zip(logprobs, peft_logprobs))
-        assert diff <= LOGPROB_TOL, f"row {i} ({adapter or 'base'}): logprob differs by {diff:.2e}"
+@pytest.fixture(scope="module")
+def fp32_results(smollm_base_fp32, adapters_dir):
+    rows, steps = serve_mixed_batch(smollm_base_fp32, adapters_dir)
+    return rows, steps, peft_alone(smollm_base_fp32, adapters_dir, rows)
+
+
+@pytest.fixture(scope="module")
+def nf4_results(smollm_base, adapters_dir):
+    rows, steps = serve_mixed_batch(smollm_base, adapters_dir)
+    return rows, steps, peft_alone(smollm_base, adapters_dir, rows)
+
+
+def test_fp32_mixed_batch_matches_each_adapter_alone_exactly(fp32_results):
+    rows, steps, peft_rows = fp32_results
+    assert steps <= NEW_TOKENS + 2  # one mixed batch: every row advanced in the same steps
+    check_rows(rows, peft_rows, quantized=False)
+
+
+def test_nf4_mixed_batch_matches_each_adapter_alone(nf4_results):
+    rows, steps, peft_rows = nf4_results
+    assert steps <= NEW_TOKENS + 2
+    check_rows(rows, peft_rows, quantized=True)
+    exact = sum(tokens == ref["tokens"] for (tokens, _), ref in zip(rows, peft_rows))
+    assert exact >= len(BATCH) - 2, f"only {exact}/{len(BATCH)} rows token-identical to PEFT alone"
