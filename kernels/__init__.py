@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from lorad.kernels.lora_ops_torch import lora_expand_torch, lora_shrink_torch
+from lorad.kernels.lora_ops_torch import lora_expand_dora_torch, lora_expand_torch, lora_shrink_torch
 from lorad.kernels.metadata import NO_LORA, LoRABatchMeta, build_lora_meta
 
 BACKENDS = ("auto", "torch", "triton")
@@ -32,6 +32,7 @@ __all__ = [
     "LoRABatchMeta",
     "build_lora_meta",
     "lora_expand",
+    "lora_expand_dora",
     "lora_shrink",
     "resolve_backend",
 ]
@@ -130,3 +131,38 @@ def lora_expand(
         lora_expand_triton(y, v, lora_b, scale, meta)
         return
     lora_expand_torch(y, v, lora_b, scale, meta)
+
+
+def lora_expand_dora(
+    y: torch.Tensor,
+    v: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: torch.Tensor,
+    dora_scale: torch.Tensor,
+    meta: LoRABatchMeta,
+    backend: str | None = None,
+) -> None:
+    """lora_expand for DoRA adapters: the sum is multiplied by a per-slot, per-output-row scale.
+
+    Semantics:
+      for t in range(T):
+          s = meta.token_slots[t]
+          if s != -1:
+              y[t, :] = dora_scale[s, :] * (y[t, :] + scale[s] * (v[t, :] @ float32(lora_b[s])))
+              # in fp32, then cast to y.dtype
+      # rows whose slot is -1 are not touched; an all -1 batch leaves y bit-identical
+
+    Args:
+      y: Shape `[T, H_out]`, the base output *without bias* (DoRA does not scale the bias; the
+        Llama projections have none). Will be changed in place.
+      v, lora_b, scale, meta, backend: as for lora_expand.
+      dora_scale: Shape `[S, H_out]`, float32. magnitude / ||W + scale * B A||_row per slot
+        (lorad.kernels.dora.dora_row_scale, computed once at adapter load); a row of ones for
+        a slot that holds a plain LoRA adapter.
+    """
+    if resolve_backend(y.device, backend) == "triton":
+        from lorad.kernels.lora_ops_triton import lora_expand_dora_triton
+
+        lora_expand_dora_triton(y, v, lora_b, scale, dora_scale, meta)
+        return
+    lora_expand_dora_torch(y, v, lora_b, scale, dora_scale, meta)

@@ -17,6 +17,12 @@ def _fail(msg: str) -> None:
     raise ValueError(msg)
 
 
+def check_meta_device(meta: LoRABatchMeta, device: torch.device) -> None:
+    if meta.sorted_token_ids.device != device:
+        _fail(f"meta was built on {meta.sorted_token_ids.device} but the tensors are on {device}: "
+              f"pass device= to build_lora_meta")
+
+
 def check_shrink_args(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRABatchMeta, out: torch.Tensor | None) -> None:
     if x.dim() != 2:
         _fail(f"x must be [T, H_in], got shape {tuple(x.shape)}")
@@ -38,6 +44,7 @@ def check_shrink_args(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRABatchMeta
         _fail(f"meta uses slot {meta.active_slots_host[-1]} but lora_a has {lora_a.shape[0]} slots")
     if x.device != lora_a.device:
         _fail(f"x is on {x.device} but lora_a on {lora_a.device}")
+    check_meta_device(meta, x.device)
     if out is not None:
         if out.shape != (x.shape[0], lora_a.shape[1]):
             _fail(f"out must be [T, R] = {(x.shape[0], lora_a.shape[1])}, got {tuple(out.shape)}")
@@ -78,3 +85,16 @@ def check_expand_args(
         _fail(f"meta uses slot {meta.active_slots_host[-1]} but lora_b has {lora_b.shape[0]} slots")
     if not (y.device == v.device == lora_b.device == scale.device):
         _fail(f"y, v, lora_b and scale must share a device, got {y.device}, {v.device}, {lora_b.device}, {scale.device}")
+    check_meta_device(meta, y.device)
+
+
+def check_dora_scale(dora_scale: torch.Tensor, lora_b: torch.Tensor) -> None:
+    S, H_out = lora_b.shape[0], lora_b.shape[2]
+    if dora_scale.shape != (S, H_out):
+        _fail(f"dora_scale must be [S, H_out] = {(S, H_out)}, got {tuple(dora_scale.shape)}")
+    if dora_scale.dtype != torch.float32:
+        _fail(f"dora_scale must be float32, got {dora_scale.dtype}")
+    if not dora_scale.is_contiguous():
+        _fail("dora_scale must be contiguous")
+    if dora_scale.device != lora_b.device:
+        _fail(f"dora_scale is on {dora_scale.device} but lora_b on {lora_b.device}")

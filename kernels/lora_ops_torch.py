@@ -4,12 +4,12 @@ Same signatures and semantics as `lorad.kernels.lora_shrink` / `lora_expand` (se
 contract). Two strategies, picked per batch from the metadata:
 
 * padded batched matmul: one `bmm` over a [n_range, max_seg_len, H] view of the tokens grouped
-  by slot. On CPU this wins whenever segments are about equally long (decode: one token per
-  request), because its cost is three torch calls per projection whatever the number of
-  adapters. When the engine lays tokens out grouped by slot with equal segments, every tensor
-  it touches is a view.
+  by slot. On CPU this wins whenever segments are about equally long, and in decode batches
+  of many adapters even when they are not (use_padded): its cost is a handful of torch calls
+  per projection whatever the number of adapters. When the engine lays tokens out grouped by
+  slot with equal segments, every tensor it touches is a view.
 * per-segment matmul: one `mm` per active adapter. Wins when segments are long and uneven
-  (prefill of prompts of different lengths), where padding would waste work.
+  (prefill of prompts of different lengths), where padding and gathers would waste work.
 
 A gather of each token's adapter weights (`bmm(x[:, None], lora_a[slots])`) is never the
 fastest on CPU: it copies R x H weights per token (benchmarks/bench_lora_cpu.py).
@@ -19,15 +19,30 @@ from __future__ import annotations
 
 import torch
 
-from lorad.kernels.checks import check_expand_args, check_shrink_args
+from lorad.kernels.checks import check_dora_scale, check_expand_args, check_shrink_args
 from lorad.kernels.metadata import LoRABatchMeta
 
-# Use the padded bmm while the padded table is at most this many times the real token count.
-PAD_WASTE_LIMIT = 2.0
+# The strategy is picked by a cost model counted in token rows (one token through one
+# shrink + expand pair):
+#   each per-segment matmul pair costs about SEGMENT_ROWS rows of Python and dispatch overhead;
+#   a row reached through a gather (index_select in, index_add / index_copy out) costs
+#   1 + GATHER_COST rows.
+# Fitted on benchmarks/bench_lora_cpu.py's sweep (SmolLM2 shapes, rank 16, 1-16 adapters,
+# 1-256 tokens, 35 batch shapes; kernels/README.md): over three runs on a noisy shared machine
+# the sum of log slowdowns against the faster strategy is 1.6, worst row 1.9x. The single limit
+# it replaces (padded while padded_size <= 2 x tokens) scored 4.6, worst row 2.7x: it sent
+# decode batches of many adapters with waste above 2 to a dozen tiny matmuls, and long
+# zipf-shaped prefill batches to a padded bmm twice the work.
+SEGMENT_ROWS = 12.0
+GATHER_COST = 0.25
 
 
 def use_padded(meta: LoRABatchMeta) -> bool:
-    return meta.padded_size <= PAD_WASTE_LIMIT * meta.num_lora_tokens
+    if meta.pad_identity:  # equal segments in place: one bmm on views, nothing to beat
+        return True
+    padded = meta.padded_size * (1 + GATHER_COST)
+    segments = meta.num_lora_tokens * (1 + (0 if meta.grouped_contiguous else GATHER_COST))
+    return padded <= segments + SEGMENT_ROWS * meta.num_active
 
 
 def lora_shrink_torch(
@@ -64,35 +79,62 @@ def lora_expand_torch(
         _expand_segments(y, v, lora_b, scale, meta)
 
 
+def lora_expand_dora_torch(
+    y: torch.Tensor,  # [T, H_out], modified in place
+    v: torch.Tensor,  # [T, R] float32
+    lora_b: torch.Tensor,  # [S, R, H_out]
+    scale: torch.Tensor,  # [S] float32
+    dora_scale: torch.Tensor,  # [S, H_out] float32
+    meta: LoRABatchMeta,
+) -> None:
+    # One matmul per adapter: DoRA is the stretch path, written for clarity, not tuned.
+    check_expand_args(y, v, lora_b, scale, meta)
+    check_dora_scale(dora_scale, lora_b)
+    if meta.no_lora:
+        return
+    scales = scale.tolist()
+    for slot, rows in _segments(meta):
+        delta = v[rows] @ lora_b[slot].float()  # [n, H_out] fp32
+        y[rows] = (dora_scale[slot] * (y[rows].float() + scales[slot] * delta)).to(y.dtype)
+
+
 # --- padded batched matmul ------------------------------------------------------------------
+
+
+def _rows(t: torch.Tensor, first: int, n: int) -> torch.Tensor:
+    """t[first : first + n]; t itself when that is all of it (a slice costs a microsecond or two,
+    and the decode step calls these ops 200+ times)."""
+    return t if first == 0 and n == t.shape[0] else t[first : first + n]
 
 
 def _shrink_padded(x, lora_a, meta, v) -> None:
     n, L, P = meta.n_range, meta.max_seg_len, meta.padded_size
     H_in, R = x.shape[1], lora_a.shape[1]
-    a_t = lora_a[meta.slot_lo : meta.slot_lo + n].transpose(1, 2)  # [n, H_in, R] view
+    a_t = _rows(lora_a, meta.slot_lo, n).transpose(1, 2)  # [n, H_in, R] view
     if meta.pad_identity:
         p0 = meta.pad_first
-        xs = x[p0 : p0 + P].view(n, L, H_in)
+        xs = _rows(x, p0, P).view(n, L, H_in)
         if x.dtype == torch.float32:
-            torch.bmm(xs, a_t, out=v[p0 : p0 + P].view(n, L, R))
+            torch.bmm(xs, a_t, out=_rows(v, p0, P).view(n, L, R))
         else:
-            v[p0 : p0 + P] = torch.bmm(xs, a_t).view(P, R)
+            _rows(v, p0, P).copy_(torch.bmm(xs, a_t).view(P, R))
         return
     xs = x.index_select(0, meta.pad_rows).view(n, L, H_in)  # [n, L, H_in], pads hold row 0
     vp = torch.bmm(xs, a_t).view(P, R)  # [P, R]
-    v.index_copy_(0, meta.sorted_token_ids.long(), vp.index_select(0, meta.pad_valid_pos).float())
+    v.index_copy_(0, meta.sorted_rows, vp.index_select(0, meta.pad_valid_pos).float())
 
 
 def _expand_padded(y, v, lora_b, scale, meta) -> None:
     n, L, P = meta.n_range, meta.max_seg_len, meta.padded_size
     H_out, R = y.shape[1], v.shape[1]
-    b = lora_b[meta.slot_lo : meta.slot_lo + n]  # [n, R, H_out] view
-    s = scale[meta.slot_lo : meta.slot_lo + n].view(n, 1, 1)
+    b = _rows(lora_b, meta.slot_lo, n)  # [n, R, H_out] view
+    s = _rows(scale, meta.slot_lo, n).view(n, 1, 1)
     if meta.pad_identity:
         p0 = meta.pad_first
-        vs = (v[p0 : p0 + P].view(n, L, R) * s).to(y.dtype)  # [n, L, R]
-        y[p0 : p0 + P].view(n, L, H_out).baddbmm_(vs, b)
+        vs = _rows(v, p0, P).view(n, L, R) * s  # [n, L, R]
+        if y.dtype != torch.float32:
+            vs = vs.to(y.dtype)
+        _rows(y, p0, P).view(n, L, H_out).baddbmm_(vs, b)
         return
     # Pads read token row 0 and are zeroed by pad_valid, so index_add_ adds 0.0 to row 0.
     vs = (v.index_select(0, meta.pad_rows).view(n, L, R) * (s * meta.pad_valid)).to(y.dtype)
@@ -111,7 +153,7 @@ def _segments(meta: LoRABatchMeta):
         if meta.grouped_contiguous:
             yield slot, slice(first + a, first + b)
         else:
-            yield slot, meta.sorted_token_ids[a:b].long()
+            yield slot, meta.sorted_rows[a:b]
 
 
 def _shrink_segments(x, lora_a, meta, v) -> None:

@@ -32,6 +32,7 @@ class LoRABatchMeta:
 
     # --- grouped by slot (Punica SGMV layout) ----------------------------------------------
     sorted_token_ids: torch.Tensor  # [num_lora_tokens] int32, token rows grouped by slot (stable)
+    sorted_rows: torch.Tensor  # the same, int64: the index dtype torch's index ops take
     active_slots: torch.Tensor  # [D] int32, distinct slots in ascending order
     seg_starts: torch.Tensor  # [D + 1] int32, segment d is sorted_token_ids[seg_starts[d]:seg_starts[d+1]]
     max_seg_len: int
@@ -124,6 +125,7 @@ def build_lora_meta(token_slots, num_slots: int, device: torch.device | str | No
         num_lora_tokens=num_lora,
         no_lora=num_lora == 0,
         sorted_token_ids=dev(sorted_rows),
+        sorted_rows=dev(sorted_rows, torch.int64),
         active_slots=dev(active),
         seg_starts=dev(seg_starts),
         max_seg_len=max_seg,
