@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from lorad.kernels.checks import check_dora_scale, check_expand_args, check_shrink_args
+from lorad.kernels.checks import check_add_lora_args, check_dora_scale, check_expand_args, check_shrink_args
 from lorad.kernels.metadata import LoRABatchMeta
 
 # The strategy is picked by a cost model counted in token rows (one token through one
@@ -77,6 +77,30 @@ def lora_expand_torch(
         _expand_padded(y, v, lora_b, scale, meta)
     else:
         _expand_segments(y, v, lora_b, scale, meta)
+
+
+def add_lora_torch(
+    y: torch.Tensor,  # [T, H_out], modified in place
+    x: torch.Tensor,  # [T, H_in]
+    lora_a: torch.Tensor,  # [S, R, H_in]
+    lora_b: torch.Tensor,  # [S, R, H_out]
+    scale: torch.Tensor,  # [S] float32
+    meta: LoRABatchMeta,
+) -> None:
+    """lora_shrink then lora_expand; see lorad.kernels.add_lora."""
+    check_add_lora_args(y, x, lora_a, lora_b, scale, meta)
+    if meta.no_lora:
+        return
+    if meta.pad_identity and x.dtype == torch.float32 and y.dtype == torch.float32:
+        # Tokens grouped by slot in equal segments (decode): [n, L, H] views; bmm, scale, baddbmm.
+        n, L, P, p0 = meta.n_range, meta.max_seg_len, meta.padded_size, meta.pad_first
+        xs = _rows(x, p0, P).view(n, L, x.shape[1])
+        vs = torch.bmm(xs, _rows(lora_a, meta.slot_lo, n).transpose(1, 2))  # [n, L, R] fp32
+        vs.mul_(_rows(scale, meta.slot_lo, n).view(n, 1, 1))
+        _rows(y, p0, P).view(n, L, y.shape[1]).baddbmm_(vs, _rows(lora_b, meta.slot_lo, n))
+        return
+    v = lora_shrink_torch(x, lora_a, meta)
+    lora_expand_torch(y, v, lora_b, scale, meta)
 
 
 def lora_expand_dora_torch(

@@ -477,6 +477,7 @@ class Engine:
             chunks=chunks,
             lora_meta=build_lora_meta(slots, self.pool.num_slots, device),
             active_slots_mask=active_mask,
+            lora_rank=max((self.pool.slot_rank[r.slot] for r, _ in work if r.slot >= 0), default=0),
             logits_index=torch.tensor(logits_index, dtype=torch.int64, device=device),
             n_rows=len(self._running),
         )

@@ -15,7 +15,7 @@ first.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,18 @@ class ModuleSlots:
     b: torch.Tensor  # [S, R, H_out]
     scale: torch.Tensor  # [S] float32
     slots_mask: int = 0  # bit s set when slot s holds a nonzero adapter for this module
+    _views: dict = field(default_factory=dict, repr=False)
+
+    def rank_slice(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a[:, :rank], b[:, :rank]): the rows a batch whose adapters have rank <= `rank` needs.
+
+        Rows past an adapter's rank are zero, so skipping them changes nothing but the work:
+        rank-16 adapters in rank-64 slots would otherwise cost 4x.
+        """
+        views = self._views.get(rank)
+        if views is None:
+            views = self._views[rank] = (self.a[:, :rank], self.b[:, :rank])
+        return views
 
 
 class LoRASlotPool:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lorad.geometry import ATTENTION_PROJECTIONS, PROJECTIONS, ModelGeometry
-from lorad.kernels import LoRABatchMeta, lora_expand, lora_shrink
+from lorad.kernels import LoRABatchMeta, add_lora, resolve_backend
 
 from lorad.server.kv_cache import KVCache
 from lorad.server.lora_slots import LoRASlotPool
@@ -47,6 +47,7 @@ class StepBatch:
     chunks: list[SeqChunk]
     lora_meta: LoRABatchMeta
     active_slots_mask: int  # bit s set when slot s has tokens in this batch
+    lora_rank: int  # the largest rank among the batch's adapters (slots are zero past it)
     logits_index: torch.Tensor  # [B] int64 packed index of each token whose next token is sampled
     n_rows: int  # live cache rows, all in [0, n_rows)
 
@@ -65,7 +66,7 @@ class LlamaRunner:
         self.geometry = geometry
         self.kv = kv
         self.pool = pool
-        self.lora_backend = lora_backend
+        self.lora_backend = resolve_backend(kv.device, lora_backend)  # once, not per call
         self.embed = inner.embed_tokens
         self.norm = inner.norm
         self.lm_head = model.lm_head
@@ -96,8 +97,8 @@ class LlamaRunner:
         y = module(x)  # [T, H_out]
         slots = self.pool.layers[layer][name]
         if slots.slots_mask & batch.active_slots_mask:
-            v = lora_shrink(x, slots.a, batch.lora_meta, backend=self.lora_backend)  # [T, R] fp32
-            lora_expand(y, v, slots.b, slots.scale, batch.lora_meta, backend=self.lora_backend)
+            a, b = slots.rank_slice(batch.lora_rank)  # [S, r, H_in], [S, r, H_out]
+            add_lora(y, x, a, b, slots.scale, batch.lora_meta, backend=self.lora_backend)
         return y
 
     # --- attention ----------------------------------------------------------------------------

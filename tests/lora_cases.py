@@ -128,3 +128,16 @@ def contract_loop(p: Problem) -> torch.Tensor:
             delta = float(p.scale[s]) * (v.to(p.lora_b.dtype).float() @ p.lora_b[s].float())
             y[t] = (p.y0[t].float() + delta).to(y.dtype)
     return y
+
+
+def widen(p: Problem, wide_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The problem's pools inside wider zero-padded ones: (a [S, wide, H_in], b [S, wide, H_out]).
+
+    p.lora_a == a[:, :R] and p.lora_b == b[:, :R]: the rank slice a caller passes to skip the
+    zero rows when every adapter in its batch has rank <= R.
+    """
+    S, R, h_in = p.lora_a.shape
+    a = torch.zeros(S, wide_rank, h_in, dtype=p.lora_a.dtype)
+    b = torch.zeros(S, wide_rank, p.lora_b.shape[2], dtype=p.lora_b.dtype)
+    a[:, :R], b[:, :R] = p.lora_a, p.lora_b
+    return a, b

@@ -23,6 +23,7 @@ from lora_cases import (
     make_problem,
     make_slots,
     reference,
+    widen,
 )
 from lorad.kernels import build_lora_meta, lora_expand, lora_shrink, resolve_backend
 from lorad.kernels import lora_ops_torch
@@ -115,6 +116,32 @@ def test_twin_hidden_sizes(hidden, dtype):
     slots = make_slots("mixed_base", 7, 4, seed=3)
     p = make_problem(slots, 4, hidden, hidden, 16, dtype, seed=3)
     check_twin(p, 4, dtype)
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "segments"])
+def test_twin_accepts_a_rank_slice_of_a_wider_pool(padded, monkeypatch):
+    """The engine passes pool[:, :r] when every adapter of a batch has rank <= r."""
+    monkeypatch.setattr(lora_ops_torch, "use_padded", lambda meta: padded)
+    p = make_problem([0, 0, 2, 2, -1, 1], 3, 64, 48, [2, 4], torch.float32, seed=4)
+    wide_a, wide_b = widen(p, 16)
+    sliced_a, sliced_b = wide_a[:, :4], wide_b[:, :4]
+    assert not sliced_a.is_contiguous()
+    meta = build_lora_meta(p.slots, 3)
+    y = p.y0.clone()
+    lora_expand_torch(y, lora_shrink_torch(p.x, sliced_a, meta), sliced_b, p.scale, meta)
+    y_wide = p.y0.clone()
+    lora_expand_torch(y_wide, lora_shrink_torch(p.x, wide_a, meta), wide_b, p.scale, meta)
+    _, y_ref = reference(p)
+    assert torch.allclose(y, y_wide, atol=1e-5)
+    assert (y.double() - y_ref).abs().max() < 1e-4
+
+
+def test_pools_whose_slots_are_not_row_major_are_refused():
+    p = make_problem([0, 1], 2, 32, 32, 4, torch.float32)
+    wide = torch.zeros(2, 4, 64)
+    wide[:, :, :32] = p.lora_a
+    with pytest.raises(ValueError, match="lora_a: every slot must be a row-major"):
+        lora_shrink_torch(p.x, wide[:, :, :32], build_lora_meta(p.slots, 2))
 
 
 def test_twin_writes_into_out_buffer():

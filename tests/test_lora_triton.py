@@ -28,7 +28,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         allow_module_level=True,
     )
 
-from lora_cases import POPULARITIES, assert_matches_reference, make_problem, make_slots, reference  # noqa: E402
+from lora_cases import POPULARITIES, assert_matches_reference, make_problem, make_slots, reference, widen  # noqa: E402
 from lorad.kernels import build_lora_meta, lora_expand, lora_shrink  # noqa: E402
 from lorad.kernels.kernel_utils import LaunchConfig  # noqa: E402
 from lorad.kernels.lora_ops_torch import lora_expand_torch, lora_shrink_torch  # noqa: E402
@@ -249,3 +249,15 @@ def test_dora_expand(popularity, dtype):
     base_rows = [t for t, s in enumerate(slots) if s == -1]
     assert torch.equal(y[base_rows], y0[base_rows])
     assert_matches_reference("dora expand y", y, y_twin, y_ref, lora_rows, dtype)
+
+
+def test_rank_slice_of_a_wider_pool():
+    """pool[:, :r] (slots spaced R_wide * H apart) gives what the compact pool gives."""
+    slots = make_slots("mixed_base", 7, 4, seed=5)
+    p = make_problem(slots, 4, 96, 80, [2, 8], torch.float32, seed=5)
+    y_compact = check_kernels(p, 4, torch.float32)
+    wide_a, wide_b = widen(p, 32)
+    p.lora_a, p.lora_b = wide_a[:, :8], wide_b[:, :8]
+    y_sliced = check_kernels(p, 4, torch.float32)
+    assert torch.allclose(y_sliced, y_compact, atol=1e-5)
+
