@@ -1,0 +1,127 @@
+"""transformers' Trainer, with the four things lorad owns replaced.
+
+  * loss: summed CE over trained tokens / trained tokens of the whole optimizer step, counted
+    from the already-shifted targets and summed over ranks (trainer/loss.py);
+  * order: rows shuffled by (seed, epoch) only, so a mid-epoch resume sees the same order;
+  * evaluation: the same token-weighted loss over the eval rows, each row seen exactly once;
+  * checkpoints: written by the recipe's crash-safe writer (trainer/checkpoint.py).
+
+Everything else (optimizers, schedulers, accumulation, DDP, mixed precision, resume of
+optimizer/scheduler/RNG/data position) is transformers' and accelerate's own code.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from transformers import Trainer
+
+from lorad.trainer.loss import HiddenStateTap, token_loss_sum
+from lorad.trainer.packing import EpochShuffleSampler
+from lorad.trainer.progress import Stopwatch
+
+
+class LoradTrainer(Trainer):
+    # compute_loss already divides by the trained tokens of the whole step (and ranks)
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        *args,
+        sampler: EpochShuffleSampler,
+        tap: HiddenStateTap,
+        head: torch.nn.Module,
+        eval_rows: list,
+        save_checkpoint: Callable[[], None],
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.lorad_sampler = sampler
+        self.tap = tap
+        self.head = head
+        self.eval_rows = eval_rows
+        self.save_checkpoint_fn = save_checkpoint
+        self.tokens_since_log = 0
+        self.stopwatch = Stopwatch()
+        self.steps_at_last_log: int | None = None
+
+    # ---- data order ---------------------------------------------------------------------------
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self.lorad_sampler
+
+    def _run_epoch(self, **kwargs):
+        self.lorad_sampler.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(**kwargs)
+
+    # ---- loss ---------------------------------------------------------------------------------
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
+        """Trained tokens in this optimizer step, over all its micro-batches and all ranks."""
+        count = torch.tensor(sum(int((b["targets"] != -100).sum()) for b in batch_samples), device=device)
+        if self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with self.accelerator.autocast():
+            loss_sum, _ = token_loss_sum(model, self.tap, self.head, inputs)
+        self.tokens_since_log += int(inputs["num_tokens"])
+        # DDP averages gradients over ranks; the step's loss is a sum over ranks, hence * world_size
+        loss = loss_sum * (self.args.world_size / num_items_in_batch.clamp(min=1))
+        return (loss, None) if return_outputs else loss
+
+    # ---- evaluation ---------------------------------------------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Mean CE per trained token over the eval rows (rank r takes rows r, r + world, ...)."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        collate = self.data_collator
+        mb = self.args.per_device_eval_batch_size
+        mine = self.eval_rows[self.args.process_index :: max(1, self.args.world_size)]
+        total = torch.zeros(2, dtype=torch.float64)  # [loss sum, trained tokens]
+        with torch.no_grad(), self.accelerator.autocast():
+            for start in range(0, len(mine), mb):
+                batch = {k: v.to(self.args.device) for k, v in collate(mine[start : start + mb]).items()}
+                loss_sum, count = token_loss_sum(model, self.tap, self.head, batch)
+                total += torch.tensor([float(loss_sum), count], dtype=torch.float64)
+        if self.args.world_size > 1:
+            total = self.accelerator.reduce(total.to(self.args.device), reduction="sum").cpu()
+        if was_training:
+            model.train()
+        metrics = {f"{metric_key_prefix}_loss": float(total[0] / total[1].clamp(min=1))}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # ---- logging ------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            tokens = torch.tensor(self.tokens_since_log, device=self.args.device)
+            if self.args.world_size > 1:
+                tokens = self.accelerator.gather(tokens).sum()
+            self.tokens_since_log = 0
+            self.state.num_input_tokens_seen += int(tokens)
+            lap, elapsed = self.stopwatch.lap()
+            since = self.steps_at_last_log if self.steps_at_last_log is not None else self._initial_global_step
+            steps = max(1, self.state.global_step - since)
+            self.steps_at_last_log = self.state.global_step
+            logs["tokens"] = self.state.num_input_tokens_seen
+            logs["tokens_per_s"] = int(tokens) / lap if lap > 0 else 0.0
+            logs["step_time_s"] = lap / steps
+            logs["elapsed_s"] = elapsed
+        super().log(logs, start_time)
+
+    def _inner_training_loop(self, *args, **kwargs):
+        self.stopwatch = Stopwatch()
+        self.steps_at_last_log = None  # the loop sets _initial_global_step once the state is loaded
+        return super()._inner_training_loop(*args, **kwargs)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self.save_checkpoint_fn()
