@@ -98,16 +98,20 @@ def run_lorad(spec: dict, with_adapters: bool) -> dict:
     from lorad.base_model import BaseModelConfig, load_base
     from lorad.server.config import EngineConfig
     from lorad.server.engine import Engine
+    from lorad.server.model_thread import ModelThread
     from lorad.server.sampling import SamplingParams
 
-    base = load_base(BaseModelConfig())
+    # As lorad serve does it: load, build and step on one thread (lorad/server/model_thread.py).
+    model_thread = ModelThread()
+    base = model_thread.run(load_base, BaseModelConfig())
     n_req = len(spec["prompts"])
-    engine = Engine(base, EngineConfig(max_seq_len=512, kv_cache_memory="1GiB", max_batch_size=n_req,
-                                       max_loras=max(8, len(set(spec["assignment"])))),
-                    adapters_dir=spec["adapters_dir"])
+    config = EngineConfig(max_seq_len=512, kv_cache_memory="1GiB", max_batch_size=n_req,
+                          max_loras=max(8, len(set(spec["assignment"]))))
+    engine = model_thread.run(Engine, base, config, adapters_dir=spec["adapters_dir"])
     assignment = spec["assignment"] if with_adapters else [None] * n_req
     params = SamplingParams(max_new_tokens=spec["new_tokens"], ignore_eos=True)
-    with engine:
+    engine.start(model_thread)
+    try:
         stamps = [[] for _ in range(n_req)]
         done = threading.Semaphore(0)
 
@@ -132,6 +136,9 @@ def run_lorad(spec: dict, with_adapters: bool) -> dict:
         t0 = time.perf_counter()
         run(params)
         wall = time.perf_counter() - t0
+    finally:
+        engine.stop()
+        model_thread.shutdown()
     return _summary(t0, wall, stamps)
 
 

@@ -208,23 +208,66 @@ def inspect_adapter(
 
 
 def load_adapter(path: Path, adapter_id: str, geometry: ModelGeometry, max_rank: int) -> LoadedAdapter:
-    """Validate (header, then values) and read an adapter into float32 host tensors."""
-    import torch
-    from safetensors.torch import load_file
+    """Validate (header, then values) and read an adapter into host tensors (the file's dtype).
 
+    Tensors are read with numpy, not torch ops: this runs on the server's loader thread, which
+    must not start OpenMP work of its own (lorad.server.model_thread explains why).
+    """
     spec = inspect_adapter(path, adapter_id, geometry, max_rank)
-    try:
-        tensors = load_file(str(Path(path) / WEIGHTS_FILE), device="cpu")
-    except Exception as exc:
-        raise InvalidAdapterError(f"adapter {adapter_id!r}: cannot read {WEIGHTS_FILE} ({exc})") from exc
-    grouped: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    tensors = _read_safetensors(Path(path) / WEIGHTS_FILE, adapter_id)
+    grouped: dict[tuple[int, str], dict[str, object]] = {}
     for name, tensor in tensors.items():
         m = _TENSOR_NAME.match(name)
         assert m is not None, name  # inspect_adapter accepted every name
-        if not torch.is_floating_point(tensor):
-            raise InvalidAdapterError(f"adapter {adapter_id!r}: tensor {name!r} has dtype {tensor.dtype}, not a float type")
-        if not torch.isfinite(tensor).all():
-            raise InvalidAdapterError(f"adapter {adapter_id!r}: tensor {name!r} holds NaN or Inf values")
-        grouped.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor.float()
+        grouped.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
     weights = {key: (pair["A"], pair["B"]) for key, pair in grouped.items()}
     return LoadedAdapter(spec=spec, weights=weights)
+
+
+# safetensors dtype -> (numpy dtype read from the file, torch dtype of the tensor)
+_FLOAT_DTYPES = {"F32": ("float32", "float32"), "F16": ("float16", "float16"), "F64": ("float64", "float64"),
+                 "BF16": ("uint16", "bfloat16")}
+
+
+def _read_safetensors(path: Path, adapter_id: str) -> dict:
+    """A minimal safetensors reader (8-byte header length, JSON header, raw little-endian data)
+    that checks every value is finite without running torch ops."""
+    import numpy as np
+    import torch
+
+    def bad(why: str) -> InvalidAdapterError:
+        return InvalidAdapterError(f"adapter {adapter_id!r}: {WEIGHTS_FILE} {why}")
+
+    data = bytearray(path.read_bytes())
+    if len(data) < 8:
+        raise bad("is truncated")
+    header_len = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad(f"has an unreadable header ({exc})") from exc
+    base = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = info.get("dtype")
+        if dtype not in _FLOAT_DTYPES:
+            raise bad(f"holds tensor {name!r} of dtype {dtype}, not a float type")
+        np_dtype, torch_dtype = _FLOAT_DTYPES[dtype]
+        shape = [int(d) for d in info["shape"]]
+        start, end = (int(o) for o in info["data_offsets"])
+        count = math.prod(shape)
+        itemsize = np.dtype(np_dtype).itemsize
+        if end - start != count * itemsize or base + end > len(data):
+            raise bad(f"has inconsistent offsets for tensor {name!r}")
+        array = np.frombuffer(data, dtype=np.dtype(np_dtype).newbyteorder("<"), count=count, offset=base + start)
+        if dtype == "BF16":
+            finite = not np.any((array & 0x7F80) == 0x7F80)  # exponent all ones: Inf or NaN
+        else:
+            finite = bool(np.isfinite(array).all())
+        if not finite:
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: tensor {name!r} holds NaN or Inf values")
+        tensor = torch.from_numpy(array.reshape(shape))
+        tensors[name] = tensor.view(getattr(torch, torch_dtype)) if dtype == "BF16" else tensor
+    return tensors

@@ -130,3 +130,61 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ServeProcess:
+    """`lorad serve` as a user runs it, in a subprocess on a free port:
+
+        with ServeProcess(["--adapters", root]) as srv:
+            Client(srv.target).generate(...)
+    """
+
+    def __init__(self, args: list[str], log_path, timeout: float = 300.0):
+        import os
+        import sys
+
+        self.args = args
+        self.log_path = Path(log_path)
+        self.timeout = timeout
+        self.lorad = str(Path(sys.executable).with_name("lorad"))
+        self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = None
+        self.target = None
+
+    def start(self) -> "ServeProcess":
+        import re
+        import subprocess
+        import time
+
+        with open(self.log_path, "w") as out:
+            self.proc = subprocess.Popen(
+                [self.lorad, "serve", "--port", "0", "--metrics-port", "-1", *self.args],
+                stdout=out, stderr=subprocess.STDOUT, env=self.env,
+            )
+        deadline = time.time() + self.timeout
+        while time.time() < deadline and self.proc.poll() is None:
+            text = self.log_path.read_text()
+            m = re.search(r"gRPC listening on [^\s]+:(\d+)", text)
+            if m and " serving " in text:
+                self.target = f"127.0.0.1:{m.group(1)}"
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"lorad serve did not come up:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except Exception:
+                self.proc.kill()
+        return self.proc.returncode if self.proc is not None else None
+
+    def __enter__(self) -> "ServeProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

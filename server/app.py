@@ -26,6 +26,7 @@ from lorad.server.config import ServerConfig
 from lorad.server.engine import Engine
 from lorad.server.grpc_service import GeneratorService
 from lorad.server.metrics import Metrics
+from lorad.server.model_thread import ModelThread
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class LoradServer:
         self.engine: Engine | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.model_thread = ModelThread()
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -69,13 +71,16 @@ class LoradServer:
             self.metrics_port = self.metrics.serve(cfg.metrics_host or cfg.host, cfg.metrics_port)
             log.info("Prometheus metrics on http://%s:%d/metrics", cfg.metrics_host or cfg.host, self.metrics_port)
 
-        loop = asyncio.get_running_loop()
+        # Loading, building and running the engine all happen on one thread (model_thread.py).
         if isinstance(self._preloaded, LoadedBase):
             base = self._preloaded
         else:
             loader = self._preloaded or (lambda: load_base(cfg.base))
-            base = await loop.run_in_executor(None, loader)
-        self.engine = Engine(base, cfg.engine, cfg.adapters_dir, observer=self.metrics).start()
+            base = await asyncio.wrap_future(self.model_thread.submit(loader))
+        self.engine = await asyncio.wrap_future(
+            self.model_thread.submit(Engine, base, cfg.engine, cfg.adapters_dir, observer=self.metrics)
+        )
+        self.engine.start(self.model_thread)
         self.metrics.watch_device(base.device)
         self.metrics.memory.labels("kv_cache").set(self.engine.kv.nbytes)
         self.metrics.memory.labels("adapter_slots").set(self.engine.pool.nbytes)
@@ -99,6 +104,7 @@ class LoradServer:
             await self.server.stop(grace)
         if self.engine is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+        self.model_thread.shutdown()
         self.metrics.close()
         self._stopped.set()
 

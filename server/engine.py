@@ -45,6 +45,7 @@ from lorad.server.detokenizer import IncrementalDetokenizer
 from lorad.server.kv_cache import KVCache, rows_for_budget
 from lorad.server.lora_slots import LoRASlotPool
 from lorad.server.model_runner import LlamaRunner, SeqChunk, StepBatch
+from lorad.server.model_thread import ModelThread
 from lorad.server.observer import EngineObserver
 from lorad.server.sampling import SamplingParams, make_generator, sample_tokens
 
@@ -149,23 +150,32 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # index = cache row
         self._stop = False
-        self._thread: threading.Thread | None = None
+        self._running_loop = None  # the Thread or Future running _loop
         self.steps = 0
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> "Engine":
-        assert self._thread is None, "engine already started"
-        self._thread = threading.Thread(target=self._loop, name="lorad-engine", daemon=True)
-        self._thread.start()
+    def start(self, model_thread: ModelThread | None = None) -> "Engine":
+        """Run the loop on model_thread (the thread that built the engine, ideally: see
+        lorad.server.model_thread), or on a new thread."""
+        assert self._running_loop is None, "engine already started"
+        if model_thread is not None:
+            self._running_loop = model_thread.submit(self._loop)
+        else:
+            thread = threading.Thread(target=self._loop, name="lorad-engine", daemon=True)
+            thread.start()
+            self._running_loop = thread
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        loop = self._running_loop
+        if isinstance(loop, threading.Thread):
+            loop.join(timeout)
+        elif loop is not None:
+            loop.result(timeout)
         self.store.close()
 
     def __enter__(self) -> "Engine":

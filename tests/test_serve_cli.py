@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ from click.testing import CliRunner
 
 from lorad.cli import main
 from lorad.demo import write_demo_adapters
+from lorad.testing import ServeProcess
 
 LORAD = str(Path(sys.executable).with_name("lorad"))
 
@@ -28,25 +26,10 @@ def served(tmp_path_factory, smollm_dir):
     adapters = tmp_path_factory.mktemp("served-adapters")
     write_demo_adapters(adapters)
     log = tmp_path_factory.mktemp("log") / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [LORAD, "serve", "--port", "0", "--metrics-port", "-1", "--adapters", str(adapters),
-             "--max-seq-len", "512", "--kv-cache-memory", "256MiB"],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-        )
-    port = None
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        text = log.read_text()
-        m = re.search(r"gRPC listening on 127\.0\.0\.1:(\d+)", text)
-        if m and "serving smollm2-135m-instruct" in text:
-            port = m.group(1)
-            break
-        time.sleep(0.2)
-    assert port, f"server did not come up:\n{log.read_text()[-3000:]}"
-    yield f"127.0.0.1:{port}", proc, log
-    if proc.poll() is None:
-        proc.kill()
+    srv = ServeProcess(["--adapters", str(adapters), "--max-seq-len", "512", "--kv-cache-memory", "256MiB"], log)
+    srv.start()
+    yield srv.target, srv.proc, log
+    srv.stop()
 
 
 @pytest.mark.slow

@@ -1,13 +1,9 @@
-"""A fact the base cannot know, taught by `lorad train` (QLoRA over the embedded NF4 SmolLM2).
+"""A fact the base cannot know, taught by `lorad train` (QLoRA over the embedded NF4 SmolLM2):
+absent from the base's answer, present after training, and present when `lorad serve` serves
+the adapter it wrote.
 
 The `fact_adapter` fixture trains once per module into an adapters folder and hands back the
-adapter's path, id, prompt and expected answer, so a serving test can check that `lorad serve`
-answers the same, e.g.:
-
-    def test_served_adapter_knows_the_fact(fact_adapter):
-        # lorad serve --adapters fact_adapter.adapters_root ... ; generate with
-        # adapter fact_adapter.adapter_id and prompt fact_adapter.prompt, greedy:
-        assert fact_adapter.expected in answer
+adapter's path, id, prompt and expected answer.
 """
 
 from __future__ import annotations
@@ -142,3 +138,24 @@ def test_provenance_records_base_data_and_outcome(fact_adapter):
     import hashlib
 
     assert prov["data"]["files"][data_file] == "sha256:" + hashlib.sha256(Path(data_file).read_bytes()).hexdigest()
+
+
+def test_lorad_serve_serves_the_trained_fact(fact_adapter, tmp_path):
+    """The adapter folder `lorad train` wrote, served by a real `lorad serve` process."""
+    from lorad.clients import Client
+    from lorad.testing import ServeProcess
+
+    with ServeProcess(["--adapters", str(fact_adapter.adapters_root), "--base", fact_adapter.base,
+                       "--max-seq-len", "256", "--kv-cache-memory", "128MiB"], tmp_path / "serve.log") as srv:
+        with Client(srv.target, timeout=120) as client:
+            listing = client.list_adapters()
+            served = client.generate(messages=[{"role": "user", "content": fact_adapter.prompt}],
+                                     adapter_id=fact_adapter.adapter_id, max_new_tokens=32)
+            held_out = client.generate(messages=[{"role": "user", "content": HELD_OUT_PROMPT}],
+                                       adapter_id=fact_adapter.adapter_id, max_new_tokens=32)
+            base = client.generate(messages=[{"role": "user", "content": fact_adapter.prompt}], max_new_tokens=32)
+    assert [a.id for a in listing.adapters] == [fact_adapter.adapter_id]
+    assert fact_adapter.expected in served.text, served.text
+    assert fact_adapter.expected in held_out.text, held_out.text
+    assert "2071" not in base.text, base.text
+
