@@ -143,7 +143,7 @@ def _shrink_padded(x, lora_a, meta, v) -> None:
         else:
             _rows(v, p0, P).copy_(torch.bmm(xs, a_t).view(P, R))
         return
-    xs = x.index_select(0, meta.pad_rows).view(n, L, H_in)  # [n, L, H_in], pads hold row 0
+    xs = x.index_select(0, meta.pad_rows).view(n, L, H_in)  # [n, L, H_in], pads repeat a LoRA row
     vp = torch.bmm(xs, a_t).view(P, R)  # [P, R]
     v.index_copy_(0, meta.sorted_rows, vp.index_select(0, meta.pad_valid_pos).float())
 
@@ -160,7 +160,7 @@ def _expand_padded(y, v, lora_b, scale, meta) -> None:
             vs = vs.to(y.dtype)
         _rows(y, p0, P).view(n, L, H_out).baddbmm_(vs, b)
         return
-    # Pads read token row 0 and are zeroed by pad_valid, so index_add_ adds 0.0 to row 0.
+    # Pads read the first LoRA token's row and are zeroed by pad_valid: index_add_ adds 0.0 there.
     vs = (v.index_select(0, meta.pad_rows).view(n, L, R) * (s * meta.pad_valid)).to(y.dtype)
     y.index_add_(0, meta.pad_rows, torch.bmm(vs, b).view(P, H_out))
 

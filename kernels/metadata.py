@@ -43,7 +43,7 @@ class LoRABatchMeta:
     # --- padded by slot (the twin's batched-matmul layout) ---------------------------------
     slot_lo: int  # lowest active slot
     n_range: int  # highest active slot - slot_lo + 1
-    pad_rows: torch.Tensor  # [n_range * max_seg_len] int64 token row per padded position (0 for pads)
+    pad_rows: torch.Tensor  # [n_range * max_seg_len] int64 token row per padded position (pads: the first LoRA token's row)
     pad_valid: torch.Tensor  # [n_range, max_seg_len, 1] float32, 1 where a padded position is a real token
     pad_valid_pos: torch.Tensor  # [num_lora_tokens] int64, padded positions holding real tokens,
     #                                in sorted_token_ids order
@@ -100,7 +100,9 @@ def build_lora_meta(token_slots, num_slots: int, device: torch.device | str | No
         n_range = int(active[-1]) - slot_lo + 1
     else:
         slot_lo, n_range = 0, 0
-    pad_rows = torch.zeros(n_range, max_seg, dtype=torch.int64)
+    # Pads point at a token that has an adapter, so the v row they read (times 0) is one the
+    # shrink wrote: a slot -1 row of v is unspecified (possibly NaN) and 0 * NaN is NaN.
+    pad_rows = torch.full((n_range, max_seg), int(sorted_rows[0]) if num_lora else 0, dtype=torch.int64)
     pad_valid = torch.zeros(n_range, max_seg, 1, dtype=torch.float32)
     pad_valid_pos = torch.empty(num_lora, dtype=torch.int64)
     for d in range(active.numel()):

@@ -39,7 +39,7 @@ _TENSOR_NAME = re.compile(
 
 
 def validate_adapter_id(adapter_id: str) -> None:
-    if not ADAPTER_ID_PATTERN.match(adapter_id or "") or ".." in adapter_id:
+    if not ADAPTER_ID_PATTERN.fullmatch(adapter_id or "") or ".." in adapter_id:
         raise ValueError(
             f"adapter id {adapter_id!r} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -71,7 +71,7 @@ class AdapterSpec:
 @dataclass
 class LoadedAdapter:
     spec: AdapterSpec
-    # (layer, proj) -> (A [r, in], B [out, r]) as PEFT stores them, float32 on the host
+    # (layer, proj) -> (A [r, in], B [out, r]) as PEFT stores them, in the file's dtype, on the host
     weights: dict[tuple[int, str], tuple["object", "object"]] = field(repr=False)
     load_seconds: float = 0.0
 
@@ -220,8 +220,23 @@ def load_adapter(path: Path, adapter_id: str, geometry: ModelGeometry, max_rank:
         m = _TENSOR_NAME.match(name)
         assert m is not None, name  # inspect_adapter accepted every name
         grouped.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
-    weights = {key: (pair["A"], pair["B"]) for key, pair in grouped.items()}
+    weights = {key: (pair.get("A"), pair.get("B")) for key, pair in grouped.items()}
+    _check_matches_spec(weights, spec, geometry)
     return LoadedAdapter(spec=spec, weights=weights)
+
+
+def _check_matches_spec(weights: dict, spec: AdapterSpec, geometry: ModelGeometry) -> None:
+    """The tensors read must be those the header check saw: the file is opened twice, and a
+    trainer may replace it in between (ranks and scales come from the first look)."""
+    changed = InvalidAdapterError(
+        f"adapter {spec.adapter_id!r}: {WEIGHTS_FILE} changed while it was being read; retry the request")
+    if set(weights) != set(spec.modules):
+        raise changed
+    for key, (a, b) in weights.items():
+        in_f, out_f = geometry.projection_shape(key[1])
+        rank = spec.modules[key].rank
+        if a is None or b is None or tuple(a.shape) != (rank, in_f) or tuple(b.shape) != (out_f, rank):
+            raise changed
 
 
 # safetensors dtype -> (numpy dtype read from the file, torch dtype of the tensor)
@@ -238,7 +253,10 @@ def _read_safetensors(path: Path, adapter_id: str) -> dict:
     def bad(why: str) -> InvalidAdapterError:
         return InvalidAdapterError(f"adapter {adapter_id!r}: {WEIGHTS_FILE} {why}")
 
-    data = bytearray(path.read_bytes())
+    data = bytearray(path.stat().st_size)  # writable, so tensors can share it; one copy in memory
+    with open(path, "rb") as f:
+        if f.readinto(data) != len(data):
+            raise bad("changed size while being read")
     if len(data) < 8:
         raise bad("is truncated")
     header_len = int.from_bytes(data[:8], "little")

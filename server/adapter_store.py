@@ -1,7 +1,7 @@
 """Where adapters come from: the folder on disk and the host-memory LRU in front of it.
 
     disk (--adapters DIR, one sub-folder per adapter id)
-      -> host cache (--max-cpu-loras, validated float32 tensors, LRU)
+      -> host cache (--max-cpu-loras, validated tensors in the file's dtype, LRU)
         -> device slots (--max-loras, lorad.server.lora_slots)
 
 Reading and validating from disk runs on a background thread so the engine keeps stepping
@@ -95,7 +95,19 @@ class AdapterStore:
             return adapter_id in self._loading
 
     def load_async(self, adapter_id: str, on_done=None) -> Future:
-        """Start reading an adapter into host memory (once, however often asked)."""
+        """Start reading an adapter into host memory (once, however often asked).
+
+        An adapter whose last load failed fails again at once until its files change.
+        """
+        with self._lock:
+            future = self._loading.get(adapter_id)
+            failed = self._failed.get(adapter_id) if future is None else None
+        if failed is not None and failed[0] == _files_mtime(self.root / adapter_id):
+            future = Future()
+            future.set_exception(failed[1])
+            if on_done is not None:
+                on_done(adapter_id, future)
+            return future
         with self._lock:
             future = self._loading.get(adapter_id)
             if future is None:
@@ -130,10 +142,6 @@ class AdapterStore:
         finally:
             with self._lock:
                 self._loading.pop(adapter_id, None)
-
-    def forget(self, adapter_id: str) -> bool:
-        with self._lock:
-            return self._host.pop(adapter_id, None) is not None
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -63,8 +63,7 @@ class LoradServer:
             self.port = self.server.add_insecure_port(address)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {address}: {exc} (is the port in use?)") from exc
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(False)
         await self.server.start()
         log.info("gRPC listening on %s:%d (health NOT_SERVING until the base is loaded)", cfg.host, self.port)
         if cfg.metrics_port is not None:
@@ -80,6 +79,9 @@ class LoradServer:
         self.engine = await asyncio.wrap_future(
             self.model_thread.submit(Engine, base, cfg.engine, cfg.adapters_dir, observer=self.metrics)
         )
+        loop = asyncio.get_running_loop()
+        # If the engine loop ever ends (a stop, or a fatal error), orchestrators must see it.
+        self.engine.on_exit = lambda: asyncio.run_coroutine_threadsafe(self._set_health(False), loop)
         self.engine.start(self.model_thread)
         self.metrics.watch_device(base.device)
         self.metrics.memory.labels("kv_cache").set(self.engine.kv.nbytes)
@@ -88,8 +90,7 @@ class LoradServer:
         self.metrics.slots(0, cfg.engine.max_loras)
         self.service.base_name = base.resolved.display_name
         self.service.engine = self.engine
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(True)
         log.info(
             "serving %s (%s) on %s: up to %d requests at once, %d adapter slots of rank <= %d",
             base.resolved.display_name, base.resolved.quant, base.device, self.engine.max_running,
@@ -97,16 +98,23 @@ class LoradServer:
         )
         return self.port
 
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
     async def stop(self, grace: float | None = None) -> None:
         grace = self.config.grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        if self.server is not None:
-            await self.server.stop(grace)
-        if self.engine is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
-        self.model_thread.shutdown()
-        self.metrics.close()
-        self._stopped.set()
+        try:
+            if self.server is not None:
+                await self.server.stop(grace)
+            if self.engine is not None:
+                await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+        finally:
+            self.model_thread.shutdown()
+            self.metrics.close()
+            self._stopped.set()
 
     async def wait(self) -> None:
         await self._stopped.wait()

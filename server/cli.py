@@ -40,15 +40,16 @@ def _default(name: str):
               help="Prometheus /metrics port; -1 disables it.")
 @click.option("--max-loras", type=int, default=_E.max_loras, show_default=True,
               help="Adapter slots on the device; adapters in slots share every batch.")
-@click.option("--max-cpu-loras", type=int, default=_E.max_cpu_loras, show_default=True,
-              help="Adapters kept validated in host memory (LRU).")
+@click.option("--max-cpu-loras", type=int, default=None,
+              help=f"Adapters kept validated in host memory (LRU); at least --max-loras "
+                   f"[default: the larger of {_E.max_cpu_loras} and --max-loras].")
 @click.option("--max-lora-rank", type=int, default=_E.max_lora_rank, show_default=True,
               help="Largest adapter rank accepted; slots are sized for it.")
 @click.option("--max-batch-size", type=int, default=_E.max_batch_size, show_default=True,
               help="Requests running at once (lowered to what the KV cache budget holds).")
 @click.option("--max-seq-len", type=int, default=None,
               help="Prompt + generated tokens per request [default: the base's limit, at most 2048].")
-@click.option("--kv-cache-memory", default="2GiB", show_default=True,
+@click.option("--kv-cache-memory", default=f"{_E.kv_cache_memory / 2**30:g}GiB", show_default=True,
               help="KV cache budget, allocated at start (e.g. 512MiB, 8GiB).")
 @click.option("--max-prefill-tokens", type=int, default=_E.max_prefill_tokens, show_default=True,
               help="Prompt tokens per step; longer prompts prefill in chunks while others decode.")
@@ -84,7 +85,7 @@ def serve(base, quant, device, adapters_dir, host, port, metrics_port, max_loras
             base=BaseModelConfig(name=base, quant=quant, device=device),
             engine=EngineConfig(
                 max_loras=max_loras,
-                max_cpu_loras=max(max_cpu_loras, max_loras),
+                max_cpu_loras=max(_E.max_cpu_loras, max_loras) if max_cpu_loras is None else max_cpu_loras,
                 max_lora_rank=max_lora_rank,
                 max_batch_size=max_batch_size,
                 max_seq_len=max_seq_len,

@@ -37,7 +37,7 @@ class EngineConfig:
     max_cpu_loras: adapters kept validated in host memory (LRU), ready to copy into a slot.
     max_lora_rank: the largest adapter rank accepted; every slot is sized for it.
     max_batch_size: requests running at once (each holds one KV-cache row).
-    max_seq_len: prompt + generated tokens per request; None = the base's limit, capped at 4096.
+    max_seq_len: prompt + generated tokens per request; None = the base's limit, capped at 2048.
     kv_cache_memory: bytes for the KV cache, preallocated at start; max_batch_size is lowered
         to what fits (an error if not even one sequence fits).
     max_prefill_tokens: prompt tokens processed per step; longer prompts are prefilled in chunks

@@ -52,9 +52,11 @@ class IncrementalDetokenizer:
         if self.stopped or not self.stop:
             return 0
         longest = 0
+        last = self._text[-1:]
         for s in self.stop:
             for k in range(min(len(s) - 1, len(self._text)), longest, -1):
-                if self._text.endswith(s[:k]):
+                # s[k - 1] == last rules out almost every k without building s[:k]
+                if s[k - 1] == last and self._text.endswith(s[:k]):
                     longest = k
                     break
         return longest

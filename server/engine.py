@@ -88,9 +88,7 @@ class Request:
     seen: set[int] | None = None  # token ids for the repetition penalty
     cancelled: bool = False
     looked_up: bool = False  # adapter cache lookups are counted once per request
-    admitted_at: float = 0.0
     last_token_at: float = 0.0
-    done: bool = False
 
     @property
     def prefilling(self) -> bool:
@@ -148,9 +146,11 @@ class Engine:
         self._cancels: set[int] = set()
         self._load_errors: dict[str, LoradError] = {}
         self._waiting: deque[Request] = deque()
+        self._num_waiting = 0  # len(_waiting), published under _cv for submit's queue limit
         self._running: list[Request] = []  # index = cache row
         self._stop = False
         self._running_loop = None  # the Thread or Future running _loop
+        self.on_exit: Callable[[], None] | None = None  # called (on the loop's thread) once the loop has ended
         self.steps = 0
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -213,8 +213,6 @@ class Engine:
         timeout: float | None = None,
     ) -> int:
         """Queue a request; returns its id. Raises a LoradError for anything wrong with it."""
-        if self._stop:
-            raise EngineStoppedError("the engine is shutting down")
         if not prompt_ids:
             raise InvalidRequestError("prompt: is empty")
         vocab = self.geometry.vocab_size
@@ -245,7 +243,11 @@ class Engine:
             seen=set(prompt_ids) if params.repetition_penalty != 1.0 else None,
         )
         with self._cv:
-            if len(self._waiting) + len(self._inbox) >= self.config.max_queue:
+            if self._stop:
+                raise EngineStoppedError("the engine is shutting down")
+            # _waiting belongs to the engine thread; _num_waiting is its size as of the last
+            # loop iteration (or larger), kept under the lock
+            if self._num_waiting + len(self._inbox) >= self.config.max_queue:
                 raise QueueFullError(
                     f"the request queue is full ({self.config.max_queue} waiting); retry later"
                 )
@@ -308,31 +310,45 @@ class Engine:
     # --- the loop ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._cv:
+                    while not self._stop and not self._inbox and not self._cancels and not self._running \
+                            and not self._load_errors and not self._waiting:
+                        self._cv.wait()
+                    if self._stop:
+                        break
+                    self._waiting.extend(self._inbox)
+                    self._num_waiting = len(self._waiting)
+                    self._inbox.clear()
+                    cancels, self._cancels = self._cancels, set()
+                    load_errors, self._load_errors = self._load_errors, {}
+                try:
+                    self._reap(cancels)
+                    self._fail_load_errors(load_errors)
+                    self._admit()
+                    with self._cv:
+                        self._num_waiting = len(self._waiting)
+                    if self._running:
+                        self._step()
+                    elif self._waiting:
+                        with self._cv:  # waiting only on adapter loads: sleep until one finishes
+                            self._cv.wait(timeout=0.05)
+                except Exception:  # a bug must not kill the loop; fail what was running instead
+                    log.exception("engine step failed; failing the running requests")
+                    for request in list(self._running):
+                        self._finish_error(request, LoradError("internal error in the engine step; see the server log"))
+        except Exception:  # the handler above failed: the loop cannot go on
+            log.critical("engine loop died; failing every request and refusing new ones", exc_info=True)
+        finally:  # nobody may be left waiting on a dead loop
             with self._cv:
-                while not self._stop and not self._inbox and not self._cancels and not self._running \
-                        and not self._load_errors and not self._waiting:
-                    self._cv.wait()
-                if self._stop:
-                    break
-                self._waiting.extend(self._inbox)
-                self._inbox.clear()
-                cancels, self._cancels = self._cancels, set()
-                load_errors, self._load_errors = self._load_errors, {}
-            try:
-                self._reap(cancels)
-                self._fail_load_errors(load_errors)
-                self._admit()
-                if self._running:
-                    self._step()
-                elif self._waiting:
-                    with self._cv:  # waiting only on adapter loads: sleep until one finishes
-                        self._cv.wait(timeout=0.05)
-            except Exception:  # a bug must not kill the loop; fail what was running instead
-                log.exception("engine step failed; failing the running requests")
-                for request in list(self._running):
-                    self._finish_error(request, LoradError("internal error in the engine step; see the server log"))
-        self._shutdown()
+                self._stop = True
+            self._shutdown()
+            if self.on_exit is not None:
+                try:
+                    self.on_exit()
+                except Exception:  # e.g. the server's event loop is already closed
+                    log.debug("engine on_exit hook failed", exc_info=True)
 
     def _shutdown(self) -> None:
         err = EngineStoppedError("the server is shutting down")
@@ -340,7 +356,12 @@ class Engine:
             self._waiting.extend(self._inbox)
             self._inbox.clear()
         for request in list(self._running):
-            self._finish_error(request, err)
+            try:
+                self._finish_error(request, err)
+            except Exception:  # a broken release (the loop may be dying of it) must not stop the answers
+                log.exception("releasing request %d failed", request.id)
+                self._emit_error(request, err)
+        self._running.clear()
         while self._waiting:
             self._emit_error(self._waiting.popleft(), err)
 
@@ -383,14 +404,28 @@ class Engine:
         requests queue behind it (base-only requests still pass), so it cannot starve.
         """
         kept = deque()
+        try:
+            self._admit_into(kept, time.monotonic())
+        finally:  # whatever happens, the requests not admitted stay queued, in order
+            kept.extend(self._waiting)
+            self._waiting = kept
+        self.observer.slots(self.pool.slots_used, self.pool.num_slots)
+
+    def _admit_into(self, kept: deque, now: float) -> None:
         slot_blocked = False
-        now = time.monotonic()
         while self._waiting:
             request = self._waiting.popleft()
             if len(self._running) >= self.kv.rows or (slot_blocked and request.adapter_id):
                 kept.append(request)
                 continue
-            slot = self._acquire_slot(request)
+            try:
+                slot = self._acquire_slot(request)
+            except Exception as exc:  # e.g. a slot write failed: fail this request, not the queue
+                log.exception("admitting request %d (adapter %s) failed", request.id, request.adapter_id)
+                self.observer.request_failed("adapter")
+                self._emit_error(request, exc if isinstance(exc, LoradError) else LoradError(
+                    f"internal error putting adapter {request.adapter_id!r} on the device; see the server log"))
+                continue
             if slot is None:
                 if not self.store.is_loading(request.adapter_id) and self.store.in_host(request.adapter_id):
                     slot_blocked = True
@@ -398,11 +433,8 @@ class Engine:
                 continue
             request.slot = slot
             request.row = len(self._running)
-            request.admitted_at = now
             self._running.append(request)
             self.observer.request_admitted(now - request.arrival)
-        self._waiting = kept
-        self.observer.slots(self.pool.slots_used, self.pool.num_slots)
 
     def _acquire_slot(self, request: Request) -> int | None:
         """The device slot for a request's adapter (-1 for none), or None if not ready yet."""
@@ -513,12 +545,12 @@ class Engine:
             if not ok:
                 self.observer.request_failed("non_finite")
                 self.kv.clear_row(request.row)  # never let NaN reach a later occupant of the row
+                # with an adapter, the adapter is the suspect (FAILED_PRECONDITION); without, it is ours
                 self._finish_error(
                     request,
-                    InvalidAdapterError(
-                        f"the model produced non-finite logits for this request"
-                        f"{' with adapter ' + repr(request.adapter_id) if request.adapter_id else ''}"
-                    ),
+                    InvalidAdapterError(f"the model produced non-finite logits for this request with adapter "
+                                        f"{request.adapter_id!r}") if request.adapter_id
+                    else LoradError("the model produced non-finite logits for this request; see the server log"),
                 )
                 continue
             if request.output_ids:
@@ -582,7 +614,6 @@ class Engine:
 
     def _emit_final(self, request: Request, reason: str) -> None:
         tail = request.detok.flush()
-        request.done = True
         completion = len(request.output_ids)
         self.observer.request_finished(reason, time.monotonic() - request.arrival, len(request.prompt_ids), completion)
         self._deliver(
@@ -600,7 +631,6 @@ class Engine:
         )
 
     def _emit_error(self, request: Request, error: LoradError) -> None:
-        request.done = True
         self._deliver(request, Event("error", error=error))
 
     def _deliver(self, request: Request, event: Event, tail: str = "") -> None:

@@ -84,9 +84,6 @@ class LoRASlotPool:
     def lookup(self, adapter_id: str) -> int | None:
         return self.slot_of.get(adapter_id)
 
-    def can_acquire(self, adapter_id: str) -> bool:
-        return adapter_id in self.slot_of or bool(self._idle)
-
     # --- state machine --------------------------------------------------------------------
 
     def acquire_resident(self, adapter_id: str) -> int | None:
@@ -109,7 +106,12 @@ class LoRASlotPool:
         evicted = self.adapter_in[slot]
         if evicted is not None:
             del self.slot_of[evicted]
-        self._write(slot, adapter)
+            self.adapter_in[slot] = None
+        try:
+            self._write(slot, adapter)
+        except BaseException:  # never leave a half-written slot behind
+            self._clear(slot)
+            raise
         self.slot_of[adapter_id] = slot
         self.adapter_in[slot] = adapter_id
         self._take(slot)

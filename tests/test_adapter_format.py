@@ -130,7 +130,21 @@ def test_valid_adapter_ids(good):
     validate_adapter_id(good)
 
 
-@pytest.mark.parametrize("bad", ["", "../x", "a/b", "/abs", ".hidden", "-x", "a..b", "x" * 129, "sp ace", "é"])
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", "/abs", ".hidden", "-x", "a..b", "x" * 129, "sp ace", "é", "abc\n"])
 def test_adapter_ids_are_names_not_paths(bad):
     with pytest.raises(ValueError, match="not a valid name"):
         validate_adapter_id(bad)
+
+
+def test_weights_replaced_between_the_header_check_and_the_read_are_refused(tiny_geometry, tmp_path, monkeypatch):
+    """The file is opened twice (header, then values); a retrain in between must not slip through
+    with the first file's ranks and scales."""
+    from lorad import adapter_format
+
+    path = write_random_adapter(tmp_path / "a", tiny_geometry, rank=4, seed=1)
+    newer = write_random_adapter(tmp_path / "newer", tiny_geometry, rank=8, seed=2)
+    real_read = adapter_format._read_safetensors
+    monkeypatch.setattr(adapter_format, "_read_safetensors",
+                        lambda p, adapter_id: real_read(newer / "adapter_model.safetensors", adapter_id))
+    with pytest.raises(InvalidAdapterError, match="changed while it was being read"):
+        load_adapter(path, "a", tiny_geometry, 16)

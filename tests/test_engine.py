@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from lorad.errors import AdapterNotFoundError, InvalidAdapterError, InvalidRequestError, QueueFullError
+from lorad.errors import AdapterNotFoundError, EngineStoppedError, InvalidAdapterError, InvalidRequestError, QueueFullError
 from lorad.server.config import EngineConfig
 from lorad.server.engine import Engine, Event
 from lorad.server.sampling import SamplingParams
@@ -391,3 +391,84 @@ def test_adapters_added_after_start_are_found(tiny_base, tiny_geometry, tmp_path
         assert eng.generate([1, 2, 3], SamplingParams(max_new_tokens=2, ignore_eos=True), adapter_id="late").completion_tokens == 2
     finally:
         eng.stop()
+
+
+def test_a_failing_adapter_admission_fails_that_request_only(tiny_base, tiny_geometry, tmp_path, monkeypatch):
+    """A slot write that raises fails its request; the queue behind it is neither lost nor stuck."""
+    for name, seed in (("bad", 1), ("good", 2)):
+        write_random_adapter(tmp_path / name, tiny_geometry, rank=4, seed=seed)
+    eng = make_engine(tiny_base, adapters_dir=tmp_path)
+    try:
+        real_write = eng.pool._write
+
+        def write(slot, adapter):
+            if adapter.spec.adapter_id == "bad":
+                raise RuntimeError("simulated device copy failure")
+            real_write(slot, adapter)
+
+        monkeypatch.setattr(eng.pool, "_write", write)
+        ids = eng.encode(PROMPTS[0])
+        sinks = {name: Collector() for name in ("bad", "good", "")}
+        for name, sink in sinks.items():
+            eng.submit(ids, SamplingParams(max_new_tokens=4, ignore_eos=True), sink, adapter_id=name or None)
+        bad = sinks["bad"].final()
+        assert bad.kind == "error" and "internal error putting adapter 'bad'" in str(bad.error)
+        assert sinks["good"].final().completion_tokens == 4
+        assert sinks[""].final().completion_tokens == 4
+        # the engine goes on serving, the failed adapter's slot included
+        assert eng.generate(ids, SamplingParams(max_new_tokens=3, ignore_eos=True), adapter_id="good").completion_tokens == 3
+    finally:
+        eng.stop()
+
+
+def test_a_broken_adapter_is_read_once_until_its_files_change(tiny_base, tiny_geometry, tmp_path, monkeypatch):
+    from lorad.server import adapter_store
+
+    path = write_random_adapter(tmp_path / "bad", tiny_geometry, rank=4, seed=1)
+    (path / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    reads = []
+    real_load = adapter_store.load_adapter
+    monkeypatch.setattr(adapter_store, "load_adapter", lambda *a, **kw: reads.append(1) or real_load(*a, **kw))
+    eng = make_engine(tiny_base, adapters_dir=tmp_path)
+    try:
+        ids = eng.encode(PROMPTS[0])
+        for _ in range(3):
+            with pytest.raises(InvalidAdapterError):
+                eng.generate(ids, SamplingParams(max_new_tokens=2), adapter_id="bad")
+        assert len(reads) == 1
+        write_random_adapter(tmp_path / "bad", tiny_geometry, rank=4, seed=1)  # fixed on disk
+        assert eng.generate(ids, SamplingParams(max_new_tokens=2, ignore_eos=True), adapter_id="bad").completion_tokens == 2
+        assert len(reads) == 2
+    finally:
+        eng.stop()
+
+
+def test_a_dead_engine_loop_answers_everyone_and_refuses_new_work(tiny_base, monkeypatch):
+    """Even if failing the running requests fails, nobody waits forever on a dead loop."""
+    eng = Engine(tiny_base, EngineConfig(max_seq_len=64, kv_cache_memory="16MiB"))
+    exited = threading.Event()
+    eng.on_exit = exited.set
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(eng, "_step", broken)
+    real_finish_error = eng._finish_error
+    calls = []
+
+    def finish_error_once_broken(request, error):
+        calls.append(request.id)
+        if len(calls) == 1:
+            raise RuntimeError("simulated bug in the error path")
+        real_finish_error(request, error)
+
+    monkeypatch.setattr(eng, "_finish_error", finish_error_once_broken)
+    eng.start()
+    sink = Collector()
+    eng.submit(eng.encode(PROMPTS[0]), SamplingParams(max_new_tokens=2), sink)
+    assert exited.wait(30), "the loop did not end"
+    final = sink.final(timeout=10)
+    assert final.kind == "error" and isinstance(final.error, EngineStoppedError)
+    with pytest.raises(EngineStoppedError):
+        eng.submit(eng.encode(PROMPTS[0]), SamplingParams(max_new_tokens=2), Collector())
+    eng.stop()

@@ -244,3 +244,28 @@ def test_cli_generate_and_adapters(server):
     assert missing.exit_code == 1 and "NOT_FOUND" in missing.output
     listing = runner.invoke(main, ["adapters", "--target", target])
     assert listing.exit_code == 0 and "a0" in listing.output and "INVALID" in listing.output
+
+
+def test_a_dead_engine_turns_health_not_serving(tiny_base, adapters_dir):
+    """Orchestrators restart a server whose engine loop died; they can only see it through health."""
+    srv = ServerThread(_config(adapters_dir), tiny_base)
+    srv.wait_started()
+    try:
+        with Client(f"127.0.0.1:{srv.port}", timeout=10) as c:
+            assert c.health() == "SERVING"
+            engine = srv.server.engine
+
+            def broken(*args, **kwargs):
+                raise RuntimeError("simulated bug")
+
+            engine._step = broken  # the step fails, then so does failing its requests
+            engine._finish_error = broken
+            with pytest.raises(LoradRPCError) as info:
+                c.generate("hi", max_new_tokens=2)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+            deadline = time.time() + 10
+            while c.health() != "NOT_SERVING" and time.time() < deadline:
+                time.sleep(0.05)
+            assert c.health() == "NOT_SERVING"
+    finally:
+        srv.stop()

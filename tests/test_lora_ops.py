@@ -344,3 +344,19 @@ def test_dora_expand_rejects_bad_scale():
                          (torch.ones(2, 24, dtype=torch.float16), "dora_scale must be float32")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             lora_expand_dora(p.y0.clone(), v, p.lora_b, p.scale, bad, meta, backend="torch")
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "segments"])
+def test_expand_never_reads_the_unspecified_v_rows_of_base_tokens(padded, monkeypatch):
+    """Rows of v for slot -1 tokens are unspecified; expand must not let them reach y (0 * NaN)."""
+    monkeypatch.setattr(lora_ops_torch, "use_padded", lambda meta: padded)
+    slots = [-1, 0, 0, 2]  # token 0 is base-only; slot 0 and 2 segments differ in length: pads
+    p = make_problem(slots, 3, 32, 24, 4, torch.float32, seed=5)
+    meta = build_lora_meta(slots, 3)
+    v = lora_shrink_torch(p.x, p.lora_a, meta)
+    v[0] = float("nan")  # what an uninitialised row may hold
+    y = p.y0.clone()
+    lora_expand_torch(y, v, p.lora_b, p.scale, meta)
+    assert torch.equal(y[0], p.y0[0])
+    _, y_ref = reference(p)
+    assert (y.double() - y_ref).abs().max() < 1e-4

@@ -75,3 +75,25 @@ def test_evict_only_idle_adapters(tiny_geometry, tmp_path):
     assert not pool.evict("a0")
     pool.release(s)
     assert pool.evict("a0") and pool.lookup("a0") is None and pool.slots_used == 0
+
+
+def test_a_failed_slot_write_leaves_the_pool_usable(tiny_geometry, tmp_path, monkeypatch):
+    pool = LoRASlotPool(tiny_geometry, num_slots=1, max_rank=16, dtype=torch.float32, device=torch.device("cpu"))
+    a0, a1, a2 = _adapters(tiny_geometry, tmp_path, 3)
+    pool.release(pool.acquire_load(a0))  # a0 resident and idle: the next load evicts it
+    real_write = pool._write
+
+    def failing_write(slot, adapter):
+        real_write(slot, adapter)  # half done is the worst case: weights written, then a failure
+        raise RuntimeError("device copy failed")
+
+    monkeypatch.setattr(pool, "_write", failing_write)
+    with pytest.raises(RuntimeError):
+        pool.acquire_load(a1)
+    monkeypatch.setattr(pool, "_write", real_write)
+    assert pool.lookup("a0") is None and pool.lookup("a1") is None
+    assert pool.slots_used == 0 and pool.layers[0]["q_proj"].slots_mask == 0
+    slot = pool.acquire_load(a2)  # the slot is reusable, and holds a2 only
+    assert pool.lookup("a2") == slot
+    a, _ = a2.weights[(0, "q_proj")]
+    assert torch.equal(pool.layers[0]["q_proj"].a[slot, : a.shape[0]], a)
