@@ -536,7 +536,7 @@ class Engine:
         params = [r.params for r in sampled]
         gens = [r.generator for r in sampled]
         seen = [
-            torch.tensor(sorted(r.seen), dtype=torch.int64) if r.seen is not None else None for r in sampled
+            torch.tensor(list(r.seen), dtype=torch.int64) if r.seen is not None else None for r in sampled
         ]
         tokens = sample_tokens(logits, params, gens, seen)
         logprobs = self._chosen_logprobs(sampled, logits, tokens)

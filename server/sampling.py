@@ -83,9 +83,9 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generat
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
         # drop tokens once the mass before them already reaches top_p (keeps at least one)
-        drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
+        drop = (probs.cumsum(-1) - probs) >= params.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)

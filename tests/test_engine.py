@@ -472,3 +472,21 @@ def test_a_dead_engine_loop_answers_everyone_and_refuses_new_work(tiny_base, mon
     with pytest.raises(EngineStoppedError):
         eng.submit(eng.encode(PROMPTS[0]), SamplingParams(max_new_tokens=2), Collector())
     eng.stop()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p_and_top_k_the_k_best():
+    from lorad.server.sampling import make_generator, sample_tokens
+
+    # probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.7 keeps {0, 1}; 0.85 keeps {0, 1, 2}
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+
+    def draws(**kw):
+        params = SamplingParams(max_new_tokens=1, temperature=1.0, seed=0, **kw)
+        gen = make_generator(params)
+        return {sample_tokens(logits, [params], [gen], [None])[0] for _ in range(300)}
+
+    assert draws(top_p=0.7) == {0, 1}
+    assert draws(top_p=0.85) == {0, 1, 2}
+    assert draws(top_p=0.01) == {0}
+    assert draws(top_k=3) == {0, 1, 2}
+    assert draws() == {0, 1, 2, 3}
