@@ -113,6 +113,10 @@ def build_request(
     """0 / empty means 'server default' or 'off' for every numeric field (see lorad.proto)."""
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt or messages")
+    # unsigned in the proto: say which field is wrong instead of protobuf's "Value out of range"
+    for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k), ("seed", seed)):
+        if value is not None and not 0 <= value < 2 ** (64 if name == "seed" else 32):
+            raise ValueError(f"{name}: {value} is out of range (0 or more{'' if name == 'seed' else ', < 2**32'})")
     request = lorad_pb2.GenerateRequest(
         prompt=prompt or "",
         messages=[lorad_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or []],

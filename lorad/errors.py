@@ -33,5 +33,9 @@ class QueueFullError(LoradError):
     """The server's bounded request queue is full; retry later."""
 
 
+class DeadlineExceededError(LoradError):
+    """The request's deadline passed before it finished."""
+
+
 class EngineStoppedError(LoradError):
     """The engine is shutting down or has stopped."""

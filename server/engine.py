@@ -30,6 +30,7 @@ import torch
 from lorad.base_model import LoadedBase
 from lorad.errors import (
     AdapterNotFoundError,
+    DeadlineExceededError,
     EngineStoppedError,
     InvalidAdapterError,
     InvalidRequestError,
@@ -374,14 +375,26 @@ class Engine:
             if request.id in cancels:
                 request.cancelled = True
         for request in [r for r in self._running if self._expired(r, now)]:
-            self._finish(request, FINISH_CANCELLED)
+            self._end_expired(request)
         kept = deque()
         for request in self._waiting:
             if self._expired(request, now):
-                self._emit_final(request, FINISH_CANCELLED)
+                self._end_expired(request)
             else:
                 kept.append(request)
         self._waiting = kept
+
+    def _end_expired(self, request: Request) -> None:
+        """A cancel ends the request normally (finish_reason cancelled: the client asked for it);
+        a passed deadline is an error (DEADLINE_EXCEEDED), never a short answer that looks whole."""
+        if request.cancelled:
+            if request.row >= 0:
+                self._release(request)
+            self._emit_final(request, FINISH_CANCELLED)
+            return
+        self.observer.request_failed("deadline")
+        self._finish_error(request, DeadlineExceededError(
+            f"the request's deadline passed after {len(request.output_ids)} generated tokens"))
 
     def _fail_load_errors(self, errors: dict[str, LoradError]) -> None:
         if not errors:

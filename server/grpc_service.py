@@ -94,48 +94,45 @@ class GeneratorService(lorad_pb2_grpc.GeneratorServicer):
             log.exception("unexpected error in a handler", exc_info=error)
         await context.abort(status_for(error), message_for(error))
 
-    async def Generate(self, request, context):
+    async def _events(self, request, context):
+        """Submit the request and yield its events up to the final one; an error event, or a
+        refusal at submission, ends the RPC with its status; a client that leaves cancels it."""
         engine = request_id = None
         try:
             engine, request_id, events = await self._submit(request, context)
             while True:
                 event = await events.get()
-                if event.kind == "final":
-                    return final_response(event)
                 if event.kind == "error":
                     raise event.error
+                yield event
+                if event.kind == "final":
+                    return
         except asyncio.CancelledError:
-            if engine is not None:
+            if request_id is not None:
                 engine.cancel(request_id)
             raise
         except Exception as exc:
-            if engine is not None and request_id is not None:
+            if request_id is not None:
                 engine.cancel(request_id)
+            elif self.engine is not None:  # refused before queueing; the engine counts the rest
+                self.engine.observer.request_failed(status_for(exc).name.lower())
             await self._fail(context, exc)
 
+    async def Generate(self, request, context):
+        response = None
+        async for event in self._events(request, context):  # ends after the final event
+            if event.kind == "final":
+                response = final_response(event)
+        return response
+
     async def GenerateStream(self, request, context):
-        engine = request_id = None
-        try:
-            engine, request_id, events = await self._submit(request, context)
-            while True:
-                event = await events.get()
-                if event.kind == "chunk":
-                    yield lorad_pb2.GenerateStreamResponse(
-                        chunk=lorad_pb2.TokenChunk(text=event.text, token_ids=event.token_ids, token_logprobs=event.logprobs)
-                    )
-                elif event.kind == "final":
-                    yield lorad_pb2.GenerateStreamResponse(final=final_response(event))
-                    return
-                else:
-                    raise event.error
-        except asyncio.CancelledError:
-            if engine is not None:
-                engine.cancel(request_id)
-            raise
-        except Exception as exc:
-            if engine is not None and request_id is not None:
-                engine.cancel(request_id)
-            await self._fail(context, exc)
+        async for event in self._events(request, context):
+            if event.kind == "chunk":
+                yield lorad_pb2.GenerateStreamResponse(
+                    chunk=lorad_pb2.TokenChunk(text=event.text, token_ids=event.token_ids, token_logprobs=event.logprobs)
+                )
+            else:
+                yield lorad_pb2.GenerateStreamResponse(final=final_response(event))
 
     async def ListAdapters(self, request, context):
         try:

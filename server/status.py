@@ -7,6 +7,7 @@ import grpc
 from lorad.errors import (
     AdapterNotFoundError,
     ConfigError,
+    DeadlineExceededError,
     EngineStoppedError,
     InvalidAdapterError,
     InvalidRequestError,
@@ -21,6 +22,7 @@ _CODES: list[tuple[type, grpc.StatusCode]] = [
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InvalidAdapterError, grpc.StatusCode.FAILED_PRECONDITION),
     (EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
 ]
 
 

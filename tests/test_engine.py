@@ -12,7 +12,14 @@ import time
 import pytest
 import torch
 
-from lorad.errors import AdapterNotFoundError, EngineStoppedError, InvalidAdapterError, InvalidRequestError, QueueFullError
+from lorad.errors import (
+    AdapterNotFoundError,
+    DeadlineExceededError,
+    EngineStoppedError,
+    InvalidAdapterError,
+    InvalidRequestError,
+    QueueFullError,
+)
 from lorad.server.config import EngineConfig
 from lorad.server.engine import Engine, Event
 from lorad.server.sampling import SamplingParams
@@ -227,12 +234,16 @@ def test_cancel_frees_the_batch_slot_at_the_next_step(tiny_base):
         eng.stop()
 
 
-def test_deadline_expiry_cancels(tiny_base):
+def test_a_passed_deadline_is_an_error_and_frees_the_slot(tiny_base):
     eng = make_engine(tiny_base)
     try:
-        final = eng.generate(eng.encode(PROMPTS[0]), SamplingParams(max_new_tokens=200, ignore_eos=True), timeout=0.05)
-        assert final.finish_reason == "cancelled" and final.completion_tokens < 200
+        with pytest.raises(DeadlineExceededError, match="deadline passed"):
+            eng.generate(eng.encode(PROMPTS[0]), SamplingParams(max_new_tokens=200, ignore_eos=True), timeout=0.05)
         assert not eng._running
+        # a deadline that has passed before the engine sees the request: an error too, never
+        # an empty answer that looks complete
+        with pytest.raises(DeadlineExceededError):
+            eng.generate(eng.encode(PROMPTS[0]), SamplingParams(max_new_tokens=5), timeout=0.0)
     finally:
         eng.stop()
 

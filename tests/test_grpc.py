@@ -269,3 +269,33 @@ def test_a_dead_engine_turns_health_not_serving(tiny_base, adapters_dir):
             assert c.health() == "NOT_SERVING"
     finally:
         srv.stop()
+
+
+def test_tiny_deadlines_are_deadline_exceeded_never_an_empty_success(server, client):
+    outcomes = set()
+    for _ in range(20):
+        try:
+            reply = client.generate("Tell me a story", max_new_tokens=50, timeout=0.002)
+        except LoradRPCError as err:
+            outcomes.add(err.code)
+        else:  # a reply within 2 ms must be a real one
+            assert reply.finish_reason != "cancelled" and reply.completion_tokens > 0
+            outcomes.add("ok")
+    assert outcomes <= {grpc.StatusCode.DEADLINE_EXCEEDED, "ok"}
+    assert _wait_idle(server.engine)
+
+
+def test_refused_requests_are_counted_by_kind(server, client):
+    failures = server.server.metrics.failures
+    before = failures.labels("not_found")._value.get()
+    with pytest.raises(LoradRPCError):
+        client.generate("hi", adapter_id="no-such-adapter")
+    assert failures.labels("not_found")._value.get() == before + 1
+
+
+@pytest.mark.parametrize("field, value", [("max_new_tokens", -5), ("top_k", -1), ("seed", -1), ("seed", 2**64)])
+def test_clients_refuse_out_of_range_fields_before_sending(field, value):
+    from lorad.clients.types import build_request
+
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        build_request("hi", **{field: value})
