@@ -138,3 +138,4 @@ async def serve_forever(config: ServerConfig) -> None:
     log.info("shutting down: finishing in-flight requests (up to %.0f s)", config.grace_seconds)
     start.cancel()
     await server.stop()
+    log.info("stopped")
