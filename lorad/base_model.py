@@ -184,25 +184,12 @@ def _file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _convert_gguf(gguf_path: Path, target: Path) -> None:
-    """GGUF -> float32 safetensors folder, written atomically (temp folder, then rename)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting %s to %s (once; about 20 s)", gguf_path.name, target)
+def _publish_dir(target: Path, write) -> None:
+    """Fill a folder atomically: write(tmp) into a temporary sibling, mark it complete, then
+    rename it over `target`; a failure leaves no partial folder behind."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        folder, fname = str(gguf_path.parent), gguf_path.name
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
-        # A GGUF-loaded model refuses save_pretrained while it still carries its GGUF
-        # quantization config; the weights are already dequantized to float32.
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer.remove_quantization_config(model)
-        model.config.architectures = ["LlamaForCausalLM"]
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "lorad_source.json").write_text(json.dumps({"gguf": gguf_path.name}))
+        write(tmp)
         (tmp / ".complete").write_text("ok\n")
         if target.exists():
             shutil.rmtree(target)
@@ -210,6 +197,29 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """GGUF -> float32 safetensors folder, written atomically (temp folder, then rename)."""
+    log.info("converting %s to %s (once; about 20 s)", gguf_path.name, target)
+    _publish_dir(target, lambda tmp: _write_converted(gguf_path, tmp))
+
+
+def _write_converted(gguf_path: Path, tmp: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, fname = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained while it still carries its GGUF
+    # quantization config; the weights are already dequantized to float32.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "lorad_source.json").write_text(json.dumps({"gguf": gguf_path.name}))
 
 
 def check_architecture(config) -> None:
@@ -379,15 +389,6 @@ def _save_quantized(model, target: Path) -> None:
         with _file_lock(target.parent / f".{target.name}.lock"):
             if (target / ".complete").is_file():
                 return
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-            try:
-                model.save_pretrained(tmp)
-                (tmp / ".complete").write_text("ok\n")
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(tmp, target)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            _publish_dir(target, model.save_pretrained)
     except OSError as exc:  # the cache is an optimisation; a full or read-only disk is not an error
         log.warning("could not cache the quantized base in %s: %s", target, exc)
