@@ -1,0 +1,50 @@
+"""The engine sizes its KV cache from the base and the batch shape unless told a budget, and runs
+its model thread on the number of torch threads it was given (server/config.py, engine.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorad.cpu_features import default_threads, usable_cores
+from lorad.errors import ConfigError
+from lorad.server.config import EngineConfig
+from lorad.server.engine import Engine
+from lorad.server.sampling import SamplingParams
+
+
+def test_kv_cache_is_sized_from_the_base_by_default(tiny_base, tiny_geometry):
+    engine = Engine(tiny_base, EngineConfig(max_seq_len=128, max_batch_size=5))
+    assert engine.max_running == 5
+    row = tiny_geometry.kv_bytes_per_token(4) * 128  # float32 cache
+    assert engine.kv.nbytes == 5 * row
+    # an explicit budget still wins, and lowers the batch to what fits
+    small = Engine(tiny_base, EngineConfig(max_seq_len=128, max_batch_size=5, kv_cache_memory=3 * row))
+    assert small.max_running == 3 and small.kv.nbytes == 3 * row
+
+
+def test_engine_runs_on_the_threads_it_was_given(tiny_base):
+    before = torch.get_num_threads()
+    seen = []
+    try:
+        engine = Engine(tiny_base, EngineConfig(max_seq_len=64, max_batch_size=2, threads=1))
+        engine.runner.forward = (lambda f: lambda batch: (seen.append(torch.get_num_threads()), f(batch))[1])(
+            engine.runner.forward)
+        with engine:
+            engine.generate(engine.encode(prompt="Hi"), SamplingParams(max_new_tokens=2))
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}
+    assert Engine(tiny_base, EngineConfig(max_seq_len=64, max_batch_size=1)).threads == default_threads()
+    assert default_threads() == max(1, usable_cores() - 1)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("threads", 0, "threads: must be a positive integer"),
+    ("kv_cache_memory", "lots", "kv_cache_memory: 'lots' is not a size"),
+    ("dequant_memory", "-1", "dequant_memory: '-1' is not a size"),
+    ("dequant_memory", -5, "dequant_memory: must not be negative"),
+])
+def test_bad_sizes_name_the_field(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig(**{field: value})
