@@ -242,6 +242,12 @@ class LlamaRunner:
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Run one step; return logits [B, vocab] float32 for batch.logits_index."""
+        return self.step(batch)
+
+    def step(self, batch: StepBatch) -> torch.Tensor:
+        """forward without its inference_mode, for torch.compile: AOT autograd cannot trace views
+        of inference tensors, so a compiled step runs under torch.no_grad on normal tensors
+        (tests/test_compile.py traces it in one graph)."""
         g = self.geometry
         T = batch.input_ids.shape[0]
         nH, nKV, D = g.num_heads, g.num_kv_heads, g.head_dim

@@ -178,3 +178,19 @@ def test_engine_on_the_avx2_route_matches_transformers(tmp_path, tokenizer, monk
         assert got == ref
     finally:
         cpu_features.detect.cache_clear()
+
+
+@needs_fused
+def test_fused_group_traces_under_torch_compile():
+    """The fused kernel is a ctypes call: torch.compile sees it as the custom op lorad::nf4_fused_linear."""
+    mods = group(fused=True)
+    fused = FusedNF4(mods)
+    x = inputs()[2]
+    with torch.no_grad():
+        eager = fused(x)
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(lambda t: fused(t) * 2, backend="aot_eager", fullgraph=True)(x)
+        finally:
+            torch._dynamo.reset()
+    assert torch.equal(compiled, eager * 2)
