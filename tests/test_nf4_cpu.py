@@ -129,7 +129,8 @@ def test_logits_head_refines_the_top_tokens_in_fp32(native_bf16):
     flags = frozenset({"avx2", "avx512f", "avx512_bf16"} if native_bf16 else {"avx2"})
     cpu = CpuFeatures("test CPU", flags, "AVX512" if native_bf16 else "AVX2", "native")
     lh = LogitsHead(head, quantized=True, cpu=cpu, device=torch.device("cpu"))
-    assert lh.copy.dtype == (torch.bfloat16 if native_bf16 else torch.float16)
+    assert lh.dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+    assert (lh.single is None) == native_bf16  # the fp16 single-row copy is the AVX2 route's
     h = torch.randn(4, 64) * 3
     with torch.no_grad():
         exact = head(h)
@@ -143,9 +144,10 @@ def test_logits_head_refines_the_top_tokens_in_fp32(native_bf16):
             coarse = (got - ref).abs().max().item()
             assert coarse < 0.1, f"16-bit logits off by {coarse}"
     plain = LogitsHead(head, quantized=False, cpu=cpu, device=torch.device("cpu"))
-    assert plain.copy is None and plain.extra_bytes == 0
+    assert plain.dtype == torch.float32 and plain.single is None  # fp32 throughout, only reordered
     with torch.no_grad():
-        assert torch.equal(plain(h), head(h))
+        assert torch.allclose(plain(h), head(h), rtol=0, atol=1e-5)
+        assert torch.equal(plain(h).argmax(-1), head(h).argmax(-1))
 
 
 def test_engine_on_the_avx2_route_matches_transformers(tmp_path, tokenizer, monkeypatch):
