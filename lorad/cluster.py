@@ -325,14 +325,24 @@ def _print_cluster(local: LocalCluster) -> None:
 
 
 @cluster.command("config")
-@click.option("--server", "servers", multiple=True, required=True, metavar="HOST:GRPC_PORT:METRICS_PORT",
+@click.option("--server", "servers", multiple=True, metavar="HOST:GRPC_PORT:METRICS_PORT",
               help="A replica (repeat for each); ids follow the order given, keep it stable.")
 @click.option("--bind", default="127.0.0.1:50050", show_default=True, help="Where HAProxy listens for gRPC.")
 @click.option("--policy", type=click.Choice(POLICIES), default=_C["policy"].default, show_default=True)
 @click.option("--balance-factor", type=int, default=_C["balance_factor"].default, show_default=True)
 @click.option("--stats-bind", default=None, help="HAProxy stats page and /metrics, e.g. 127.0.0.1:8404.")
-def config(servers, bind, policy, balance_factor, stats_bind):
+@click.option("--kubernetes", "kube_replicas", type=click.IntRange(1, 64), default=None, metavar="MAX_REPLICAS",
+              help="Print the config of deploy/kubernetes/haproxy.yaml instead: StatefulSet pods lorad-0 .. "
+                   "lorad-<MAX_REPLICAS - 1> by DNS name.")
+def config(servers, bind, policy, balance_factor, stats_bind, kube_replicas):
     """Print an HAProxy configuration for lorad replicas running elsewhere."""
+    from lorad.haproxy import kubernetes_config
+
+    if kube_replicas is not None:
+        click.echo(kubernetes_config(kube_replicas), nl=False)
+        return
+    if not servers:
+        raise click.UsageError("give --server HOST:GRPC_PORT:METRICS_PORT for each replica, or --kubernetes N")
     replicas = []
     for i, spec in enumerate(servers):
         host, _, ports = spec.rpartition(":")

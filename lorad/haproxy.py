@@ -45,6 +45,8 @@ _BALANCE = {
 _STATS = """
 frontend stats
     bind {bind}
+    # /healthz: HAProxy itself is up (a probe for it); /metrics: its Prometheus exporter
+    monitor-uri /healthz
     http-request use-service prometheus-exporter if {{ path /metrics }}
     stats enable
     stats uri /
@@ -135,7 +137,7 @@ def _require_haproxy() -> str:
 
 def check_config(path: str | Path) -> None:
     """`haproxy -c`: raises ConfigError with HAProxy's own message when the file is invalid."""
-    result = subprocess.run([_require_haproxy(), "-c", "-q", "-f", str(path)], capture_output=True, text=True)
+    result = subprocess.run([_require_haproxy(), "-c", "-f", str(path)], capture_output=True, text=True)
     if result.returncode != 0:
         raise ConfigError(f"HAProxy refused {path}:\n{(result.stdout + result.stderr).strip()}")
 
@@ -197,3 +199,33 @@ class HAProxyProcess:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# --- Kubernetes ---------------------------------------------------------------------------------
+
+KUBE_RESOLVERS = """resolvers kube
+    # the cluster DNS from the pod's resolv.conf; pod names re-resolve when a pod is rescheduled
+    parse-resolv-conf
+    hold valid 10s
+"""
+
+
+def kubernetes_config(max_replicas: int = 8, statefulset: str = "lorad", service: str = "lorad-replicas",
+                      grpc_port: int = 50051, metrics_port: int = 9400) -> str:
+    """The HAProxy config of deploy/kubernetes/haproxy.yaml: one server line per StatefulSet pod name.
+
+    Pods have stable names (lorad-0, lorad-1, ...) and so stable ids on the hash ring: every
+    HAProxy replica maps an adapter to the same pod, and a restarted pod gets its adapters back.
+    Servers for pods that do not exist (the StatefulSet has fewer than max_replicas) fail to
+    resolve and stay out of the ring until it is scaled up; only their share of adapters moves.
+    The namespace comes from the POD_NAMESPACE environment variable (the downward API).
+    """
+    replicas = [
+        Replica(f"{statefulset}-{i}",
+                f'"{statefulset}-{i}.{service}.${{POD_NAMESPACE}}.svc.cluster.local:{grpc_port}"',
+                metrics_port, id=i + 1, options="resolvers kube init-addr none")
+        for i in range(max_replicas)
+    ]
+    config = BalancerConfig(bind=f":{grpc_port}", runtime_socket="/tmp/haproxy.sock", stats_bind=":8404",
+                            resolvers=KUBE_RESOLVERS)
+    return render(config, replicas)
