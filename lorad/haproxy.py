@@ -229,3 +229,22 @@ def kubernetes_config(max_replicas: int = 8, statefulset: str = "lorad", service
     config = BalancerConfig(bind=f":{grpc_port}", runtime_socket="/tmp/haproxy.sock", stats_bind=":8404",
                             resolvers=KUBE_RESOLVERS)
     return render(config, replicas)
+
+
+def server_sessions(runtime_socket: str | Path, backend: str = "lorad") -> dict[str, int]:
+    """Current requests per server of a backend, from HAProxy's runtime API (`show stat`, scur)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2.0)
+        s.connect(str(runtime_socket))
+        s.sendall(b"show stat\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    lines = data.decode().splitlines()
+    header = lines[0].lstrip("# ").split(",")
+    out = {}
+    for line in lines[1:]:
+        row = dict(zip(header, line.split(",")))
+        if row.get("pxname") == backend and row.get("svname") not in ("FRONTEND", "BACKEND", None):
+            out[row["svname"]] = int(row["scur"] or 0)
+    return out
