@@ -5,8 +5,10 @@ two HAProxy instances in front of them rendered from deploy/haproxy/lorad.cfg.tm
   affinity    balance hdr(x-lorad-adapter), hash-type consistent, hash-balance-factor 150
   round-robin balance roundrobin (the baseline: every replica sees every adapter)
 30 random rank-8 adapters, a Zipf(1.1) request mix from benchmarks/loadgen.py (closed loop,
-12 concurrent streams). The replicas are sized so the three together hold every adapter but
-one alone does not (8 device slots, 12 host-cache entries each).
+12 concurrent streams). The replicas are sized so that the three together hold every adapter in
+device slots and host memory but one alone does not: 12 slots and 16 host-cache entries each,
+36 and 48 for the cluster, against 30 adapters (a sizing with 8 slots, 24 for the cluster, is
+in the README too).
 
 Phases, in order: round-robin, affinity (each: a warm-up not counted, then a measured window),
 then a failover run through the affinity balancer in which the replica owning the most
@@ -40,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import run_load  # noqa: E402
 
 from lorad.cluster import ClusterConfig, LocalCluster, MetricsSnapshot  # noqa: E402
-from lorad.haproxy import BalancerConfig, HAProxyProcess, Replica, free_port, render, server_sessions  # noqa: E402
+from lorad.haproxy import (BalancerConfig, HAProxyProcess, Replica, free_port, render,  # noqa: E402
+                           server_sessions, wait_servers)
 
 
 def machine_info() -> dict:
@@ -215,8 +218,8 @@ def table(results: dict, args) -> str:
     hl = rr["server"]["host_loads_per_request"] / max(aff["server"]["host_loads_per_request"], 1e-9)
     tp = aff["client"]["tok_per_s"] / max(rr["client"]["tok_per_s"], 1e-9)
     rows += ["", "| ratio (round-robin / affinity) | measured | target |", "|---|---:|---|",
-             f"| device slot loads per request | {dl:.1f}x | >= 3x |",
-             f"| disk reads per request | {hl:.1f}x | |",
+             f"| device slot loads per request | {dl:.2f}x | >= 3x |",
+             f"| disk reads per request | {hl:.2f}x | |",
              f"| throughput (affinity / round-robin) | {tp:.2f}x | > 1x |",
              f"| max / mean requests per replica, affinity | {aff['server']['max_over_mean_requests']:.2f} | "
              f"<= {args.balance_factor / 100:.2f} |"]
@@ -248,8 +251,8 @@ def main() -> None:
     ap.add_argument("--measure", type=float, default=90.0)
     ap.add_argument("--failover", type=float, default=60.0)
     ap.add_argument("--kill-at", type=float, default=20.0)
-    ap.add_argument("--max-loras", type=int, default=8)
-    ap.add_argument("--max-cpu-loras", type=int, default=12)
+    ap.add_argument("--max-loras", type=int, default=12)
+    ap.add_argument("--max-cpu-loras", type=int, default=16)
     ap.add_argument("--balance-factor", type=int, default=150)
     ap.add_argument("--kv-cache-memory", default="256MiB")
     ap.add_argument("--base", default=None, help="a local base folder instead of the embedded SmolLM2 (smoke runs)")
@@ -284,12 +287,12 @@ def main() -> None:
                                                   runtime_socket=str(rr_socket)), servers),
                             cluster.workdir / "round-robin")
         rr.start("127.0.0.1", rr_port)
-        time.sleep(2.5)
+        wait_servers(rr_socket, [r.name for r in cluster.replicas], timeout=30)
         try:
             results["round_robin"] = measured_phase("round-robin", cluster, f"127.0.0.1:{rr_port}", rr_socket,
                                                     adapters, args)
-            results["affinity"] = measured_phase("affinity", cluster, cluster.target,
-                                                 cluster.workdir / "haproxy.sock", adapters, args)
+            results["affinity"] = measured_phase("affinity", cluster, cluster.target, cluster.runtime_socket,
+                                                 adapters, args)
             results["failover"] = failover_phase(cluster, cluster.target, adapters, args)
         finally:
             rr.stop()

@@ -28,7 +28,8 @@ from pathlib import Path
 import click
 
 from lorad.errors import ConfigError, LoradError
-from lorad.haproxy import POLICIES, BalancerConfig, HAProxyProcess, Replica, free_port, render
+from lorad.haproxy import (POLICIES, BalancerConfig, HAProxyProcess, Replica, free_port, render, require_haproxy,
+                           wait_servers)
 
 _GRPC_PORT = re.compile(r"gRPC listening on \S+:(\d+)")
 _METRICS_PORT = re.compile(r"Prometheus metrics on http://\S+:(\d+)/metrics")
@@ -183,6 +184,7 @@ class LocalCluster:
 
     def start(self, timeout: float = 600.0) -> "LocalCluster":
         cfg = self.config
+        require_haproxy()  # before starting replicas that would have nothing in front of them
         argv, env = self._replica_argv(), self._replica_env()
         try:
             for i in range(cfg.replicas):
@@ -192,7 +194,7 @@ class LocalCluster:
                 replica.wait_bound(timeout)
             balancer = BalancerConfig(
                 bind=f"{cfg.host}:{self.port}", policy=cfg.policy, balance_factor=cfg.balance_factor,
-                runtime_socket=str(self.workdir / "haproxy.sock"),
+                runtime_socket=str(self.runtime_socket),
                 stats_bind=f"127.0.0.1:{cfg.stats_port}" if cfg.stats_port else None)
             servers = [Replica(r.name, f"127.0.0.1:{r.grpc_port}", r.metrics_port, id=i + 1)
                        for i, r in enumerate(self.replicas)]
@@ -204,10 +206,14 @@ class LocalCluster:
             raise
         return self
 
-    def wait_ready(self, timeout: float, replicas: list[ReplicaProcess] | None = None) -> None:
-        """Wait until every (given) replica's /ready says 200 and HAProxy has seen it (rise checks)."""
+    @property
+    def runtime_socket(self) -> Path:
+        return self.workdir / "haproxy.sock"
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until every replica's /ready says 200 and HAProxy's checks have put it in."""
         deadline = time.monotonic() + timeout
-        pending = list(replicas or self.replicas)
+        pending = list(self.replicas)
         while pending and time.monotonic() < deadline:
             dead = [r for r in pending if not r.alive]
             if dead:
@@ -218,7 +224,7 @@ class LocalCluster:
         if pending:
             raise LoradError(f"replicas {', '.join(r.name for r in pending)} not ready after {timeout:.0f} s "
                              f"(logs in {self.workdir})")
-        time.sleep(2.5)  # HAProxy puts a server in after `rise` (2) checks 1 s apart
+        wait_servers(self.runtime_socket, [r.name for r in self.replicas], max(10.0, deadline - time.monotonic()))
 
     def stop(self, timeout: float = 60.0) -> None:
         """Drain every replica (SIGTERM: finish in-flight requests), then stop HAProxy."""

@@ -6,8 +6,10 @@ Why HAProxy and not a router of our own: it is a trusted, packaged balancer (Deb
 replica; when a replica leaves, only its adapters move) and `hash-balance-factor` (consistent
 hashing with bounded loads: no replica takes more than factor x the mean of concurrent
 requests; a hot adapter spills to the next replica on the ring), HTTP health checks against
-/ready, and L7 retries of requests a dead replica never answered. Envoy does the same
-(ring hash + hash_balance_factor) but is not packaged here.
+/ready, and L7 retries of requests a dead replica never answered. Of the other balancers
+Debian packages, nginx (`hash ... consistent`) has no load bound and no active health checks in
+its open-source build, and Caddy's header hashing has no load bound; Envoy (ring hash +
+hash_balance_factor) would do, but is not packaged here.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def find_haproxy() -> str | None:
         (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)), None)
 
 
-def _require_haproxy() -> str:
+def require_haproxy() -> str:
     binary = find_haproxy()
     if binary is None:
         raise ConfigError("haproxy is not installed (Debian/Ubuntu: apt-get install haproxy; 2.6 or newer)")
@@ -137,7 +139,7 @@ def _require_haproxy() -> str:
 
 def check_config(path: str | Path) -> None:
     """`haproxy -c`: raises ConfigError with HAProxy's own message when the file is invalid."""
-    result = subprocess.run([_require_haproxy(), "-c", "-f", str(path)], capture_output=True, text=True)
+    result = subprocess.run([require_haproxy(), "-c", "-f", str(path)], capture_output=True, text=True)
     if result.returncode != 0:
         raise ConfigError(f"HAProxy refused {path}:\n{(result.stdout + result.stderr).strip()}")
 
@@ -177,7 +179,7 @@ class HAProxyProcess:
         self.config_path.write_text(self.config_text)
         check_config(self.config_path)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([_require_haproxy(), "-db", "-f", str(self.config_path)],
+            self.proc = subprocess.Popen([require_haproxy(), "-db", "-f", str(self.config_path)],
                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **popen)
         if not wait_for_port(host, port, timeout, self.proc):
             self.stop()
@@ -231,8 +233,9 @@ def kubernetes_config(max_replicas: int = 8, statefulset: str = "lorad", service
     return render(config, replicas)
 
 
-def server_sessions(runtime_socket: str | Path, backend: str = "lorad") -> dict[str, int]:
-    """Current requests per server of a backend, from HAProxy's runtime API (`show stat`, scur)."""
+def show_stat(runtime_socket: str | Path, backend: str = "lorad") -> dict[str, dict[str, str]]:
+    """The servers of a backend from HAProxy's runtime API (`show stat`): name -> CSV row
+    (status "UP" / "DOWN" / "MAINT" ..., scur = current requests, ...)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(2.0)
         s.connect(str(runtime_socket))
@@ -242,9 +245,27 @@ def server_sessions(runtime_socket: str | Path, backend: str = "lorad") -> dict[
             data += chunk
     lines = data.decode().splitlines()
     header = lines[0].lstrip("# ").split(",")
-    out = {}
-    for line in lines[1:]:
-        row = dict(zip(header, line.split(",")))
-        if row.get("pxname") == backend and row.get("svname") not in ("FRONTEND", "BACKEND", None):
-            out[row["svname"]] = int(row["scur"] or 0)
-    return out
+    rows = (dict(zip(header, line.split(","))) for line in lines[1:] if line)
+    return {row["svname"]: row for row in rows
+            if row.get("pxname") == backend and row.get("svname") not in ("FRONTEND", "BACKEND")}
+
+
+def server_sessions(runtime_socket: str | Path, backend: str = "lorad") -> dict[str, int]:
+    """Current requests per server of a backend."""
+    return {name: int(row["scur"] or 0) for name, row in show_stat(runtime_socket, backend).items()}
+
+
+def wait_servers(runtime_socket: str | Path, names: list[str], timeout: float, status: str = "UP",
+                 backend: str = "lorad") -> None:
+    """Wait until HAProxy's checks report every named server UP (in the ring) or DOWN (out of it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            states = {name: row["status"] for name, row in show_stat(runtime_socket, backend).items()}
+        except OSError:
+            states = {}
+        if all(states.get(n, "").split(" ")[0] == status for n in names):
+            return
+        if time.monotonic() > deadline:
+            raise ConfigError(f"HAProxy did not report {', '.join(names)} {status} within {timeout:.0f} s: {states}")
+        time.sleep(0.1)

@@ -20,7 +20,7 @@ import pytest
 
 from lorad.clients import Client
 from lorad.cluster import ClusterConfig, LocalCluster, MetricsSnapshot
-from lorad.haproxy import BalancerConfig, HAProxyProcess, Replica, find_haproxy, free_port, render
+from lorad.haproxy import BalancerConfig, HAProxyProcess, Replica, find_haproxy, free_port, render, wait_servers
 from lorad.testing import write_random_adapter
 
 pytestmark = pytest.mark.skipif(
@@ -60,7 +60,7 @@ def round_robin(cluster):
                             runtime_socket=str(cluster.workdir / "rr.sock"))
     proxy = HAProxyProcess(render(config, replicas), cluster.workdir / "round-robin")
     proxy.start("127.0.0.1", port)
-    time.sleep(2.5)  # two passed checks put the servers in
+    wait_servers(config.runtime_socket, [r.name for r in replicas], timeout=10)  # two passed checks
     yield f"127.0.0.1:{port}"
     proxy.stop()
 
@@ -140,7 +140,7 @@ def test_killed_replica_requests_keep_succeeding_and_only_its_adapters_move(clus
         assert not errors, errors
         assert results[0].completion_tokens == 400
         assert all(r.completion_tokens == 2 for r in replies)
-        time.sleep(2.5)  # two failed checks have taken the victim out of the ring
+        wait_servers(cluster.runtime_socket, [victim.name], timeout=10, status="DOWN")  # out of the ring
         after = {adapter: _owner(cluster, client, adapter) for adapter in ADAPTERS}
     for adapter, owner in owners.items():
         if owner == victim.name:
@@ -178,3 +178,34 @@ def test_draining_replica_finishes_its_streams_and_traffic_moves(cluster):
     assert streamed[-1].finish_reason == "length" and streamed[-1].completion_tokens == 400
     assert all(r.completion_tokens == 2 for r in replies)
     assert served == {survivor.name: 1.0}
+
+
+def test_cluster_up_cli_prints_the_address_serves_and_stops_on_ctrl_c(tmp_path, tiny_base_dir):
+    """`lorad cluster up` as a user runs it (one replica to keep it quick), stopped with SIGINT."""
+    import signal
+    import subprocess
+    import sys
+
+    lorad = str(Path(sys.executable).with_name("lorad"))
+    proc = subprocess.Popen(
+        [lorad, "cluster", "up", "--replicas", "1", "--port", "0", "--base", str(tiny_base_dir),
+         "--kv-cache-memory", "16MiB", "--max-seq-len", "256", "--workdir", str(tmp_path), "--", "--quant", "none"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C stops the cluster" in line:
+                break
+        address = next(line.split()[1] for line in lines if line.strip().startswith("address"))
+        with Client(address, timeout=30) as client:
+            assert client.generate("Hello", max_new_tokens=3).completion_tokens == 3
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert "stopped" in rest
+    assert "stopped" in (tmp_path / "r0.log").read_text()  # the replica drained and exited itself
+    assert "Proxy lorad stopped" in (tmp_path / "haproxy.log").read_text()
