@@ -28,8 +28,8 @@ from pathlib import Path
 import click
 
 from lorad.errors import ConfigError, LoradError
-from lorad.haproxy import (POLICIES, BalancerConfig, HAProxyProcess, Replica, free_port, render, require_haproxy,
-                           wait_servers)
+from lorad.haproxy import (POLICIES, BalancerConfig, HAProxyProcess, Replica, die_with_parent, free_port, render,
+                           require_haproxy, wait_servers)
 
 _GRPC_PORT = re.compile(r"gRPC listening on \S+:(\d+)")
 _METRICS_PORT = re.compile(r"Prometheus metrics on http://\S+:(\d+)/metrics")
@@ -66,16 +66,6 @@ class ClusterConfig:
         BalancerConfig(policy=self.policy, balance_factor=self.balance_factor)  # validates both
 
 
-def _die_with_parent() -> None:
-    """Children get SIGTERM if the supervisor dies without stopping them (Linux prctl)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as reply:
@@ -99,7 +89,7 @@ class ReplicaProcess:
     def start(self) -> "ReplicaProcess":
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=self.env, start_new_session=True, preexec_fn=_die_with_parent)
+                                         env=self.env, start_new_session=True, preexec_fn=die_with_parent)
         return self
 
     def wait_bound(self, timeout: float) -> None:
@@ -199,7 +189,7 @@ class LocalCluster:
             servers = [Replica(r.name, f"127.0.0.1:{r.grpc_port}", r.metrics_port, id=i + 1)
                        for i, r in enumerate(self.replicas)]
             self.balancer = HAProxyProcess(render(balancer, servers), self.workdir)
-            self.balancer.start(cfg.host, self.port, start_new_session=True, preexec_fn=_die_with_parent)
+            self.balancer.start(cfg.host, self.port)
             self.wait_ready(timeout)
         except BaseException:
             self.stop()

@@ -144,6 +144,18 @@ def check_config(path: str | Path) -> None:
         raise ConfigError(f"HAProxy refused {path}:\n{(result.stdout + result.stderr).strip()}")
 
 
+def die_with_parent() -> None:
+    """preexec_fn for child processes: SIGTERM when the parent dies without stopping them
+    (Linux prctl PR_SET_PDEATHSIG; a no-op elsewhere). Start children from a thread that
+    outlives them: the signal follows the thread that forked."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free right now (HAProxy cannot bind port 0 and report it back)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
@@ -174,13 +186,16 @@ class HAProxyProcess:
         self.config_text = config_text
         self.proc: subprocess.Popen | None = None
 
-    def start(self, host: str, port: int, timeout: float = 10.0, **popen) -> "HAProxyProcess":
+    def start(self, host: str, port: int, timeout: float = 10.0) -> "HAProxyProcess":
+        """Check the config, start HAProxy in its own session (a terminal's Ctrl-C reaches only the
+        parent, which stops it in order), and wait until it listens on host:port."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config_text)
         check_config(self.config_path)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([require_haproxy(), "-db", "-f", str(self.config_path)],
-                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **popen)
+                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, preexec_fn=die_with_parent)
         if not wait_for_port(host, port, timeout, self.proc):
             self.stop()
             raise ConfigError(f"HAProxy did not listen on {host}:{port}:\n{self.log_path.read_text()[-2000:]}")
