@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 50051
 ADAPTERS ?= adapters
 
-.PHONY: serve test install proto bench clean-venv
+.PHONY: serve test install proto bench cluster clean-venv
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ serve: install
 	mkdir -p $(ADAPTERS)
 	$(PY) -m lorad.demo $(ADAPTERS)
 	$(VENV)/bin/lorad serve --host $(HOST) --port $(PORT) --adapters $(ADAPTERS)
+
+# REPLICAS lorad servers on loopback behind HAProxy (apt-get install haproxy), hashing on the
+# x-lorad-adapter header; prints the address to use with `lorad generate --target`; Ctrl-C stops it.
+REPLICAS ?= 3
+CLUSTER_PORT ?= 50050
+cluster: install
+	mkdir -p $(ADAPTERS)
+	$(PY) -m lorad.demo $(ADAPTERS)
+	$(VENV)/bin/lorad cluster up --replicas $(REPLICAS) --port $(CLUSTER_PORT) --adapters $(ADAPTERS)
 
 test: install
 	$(VENV)/bin/pytest -q tests
