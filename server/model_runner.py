@@ -12,9 +12,9 @@ dispatch whatever its size, so the layer is written for few calls:
   * q/k/v and gate/up run as one matmul each on their shared input (lorad.server.projections:
     concatenated weights; the NF4 routes are bit-identical to the modules called one by one);
     LoRA adds into column views of the fused output;
-  * RMSNorm is one fused call (F.rms_norm, the same arithmetic as the model's module in fp32);
+  * RMSNorm is one call (F.rms_norm: bit-identical to the model's module in fp32);
     RoPE rotates q and k together with a precomputed signed sine (bit-identical to HF's
-    rotate_half form);
+    rotate_half form; tests/test_model_runner.py checks both);
   * the KV cache is written with one index_copy_ per tensor through a flat index computed
     once per step, not per layer;
   * decode attention (one token per request) is one batched SDPA over cache rows [0, n_rows)
@@ -43,6 +43,7 @@ from lorad.server.projections import GroupBuilder, LogitsHead
 # The projection groups of a layer, in the order they run: (group, its projections).
 GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)),
           ("gate_up", ("gate_proj", "up_proj")), ("down", ("down_proj",)))
+_MEMBERS = dict(GROUPS)
 
 
 @dataclass
@@ -119,13 +120,13 @@ class LlamaRunner:
         self.extra_bytes = builder.extra_bytes + self.head.extra_bytes  # weights held besides the model's
         self._fused_norm = self.dtype == torch.float32 and all(
             hasattr(n, "variance_epsilon") for l in self.layers for n in (l.in_norm, l.post_norm))
-        # column offsets of each projection in its group's output
+        # (first column, width) of each projection in its group's output
         self.columns = {}
-        for g, projs in GROUPS:
+        for _, projs in GROUPS:
             offset = 0
             for p in projs:
                 width = geometry.projection_shape(p)[1]
-                self.columns[p] = (g, offset, width)
+                self.columns[p] = (offset, width)
                 offset += width
         # RoPE tables for every position the cache can hold, from the model's own rotary
         # module (so llama3 / linear / dynamic-free scaling variants come out right).
@@ -149,14 +150,14 @@ class LlamaRunner:
         """y: the group's output [T, sum of widths]; adds proj's LoRA into its columns."""
         slots = self.pool.layers[layer][proj]
         if slots.slots_mask & batch.active_slots_mask:
-            _, offset, width = self.columns[proj]
+            offset, width = self.columns[proj]
             a, b = slots.rank_slice(batch.lora_rank)  # [S, r, H_in], [S, r, H_out]
             add_lora(y[:, offset : offset + width], x, a, b, slots.scale, batch.lora_meta, backend=self.lora_backend)
 
     def _project(self, layer: int, group: str, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         y = self.layers[layer].groups[group](x)  # [T, sum of widths]
         if batch.active_slots_mask:
-            for proj in dict(GROUPS)[group]:
+            for proj in _MEMBERS[group]:
                 self._add_lora(layer, proj, y, x, batch)
         return y
 
