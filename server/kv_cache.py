@@ -1,12 +1,20 @@
 """The KV cache: one preallocated block of rows, one row per running request.
 
 Layout per layer: k, v [rows, kv_heads, max_seq_len, head_dim], the layout SDPA reads. The
-whole cache is allocated once from a byte budget; a step only writes into it. Live rows are
-kept compacted in [0, n_rows): when a request leaves, the last live row moves into its place
-(a copy of that row's filled prefix), so decode attention reads a view of the first n_rows.
+whole cache is allocated once (by default for max_batch_size rows of max_seq_len tokens); a
+step only writes into it. Live rows are kept compacted in [0, n_rows): when a request leaves,
+the last live row moves into its place (a copy of that row's filled prefix), so decode
+attention reads a view of the first n_rows.
+
+On the CPU the cache is anonymous memory that the kernel zero-fills page by page on first
+touch: a cache sized for 32 rows of 2048 tokens (3 GB for SmolLM2) holds resident only the
+pages that requests have written, so sizing for the worst case costs address space, not RAM.
 """
 
 from __future__ import annotations
+
+import math
+import mmap
 
 import torch
 
@@ -30,8 +38,16 @@ class KVCache:
         shape = (geometry.num_layers, rows, geometry.num_kv_heads, max_seq_len, geometry.head_dim)
         # zeros, not empty: masked keys still meet their values in the attention product,
         # and uninitialized memory could hold NaN.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._buffers: list[mmap.mmap] = []
+        self.k = self._zeros(shape, dtype, device)
+        self.v = self._zeros(shape, dtype, device)
+
+    def _zeros(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if torch.device(device).type != "cpu":
+            return torch.zeros(shape, dtype=dtype, device=device)
+        buffer = mmap.mmap(-1, math.prod(shape) * torch.finfo(dtype).bits // 8)  # zero pages, on demand
+        self._buffers.append(buffer)  # the tensor borrows it: keep it alive as long as the cache
+        return torch.frombuffer(buffer, dtype=dtype).view(shape)
 
     @property
     def nbytes(self) -> int:

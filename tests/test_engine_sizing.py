@@ -48,3 +48,25 @@ def test_engine_runs_on_the_threads_it_was_given(tiny_base):
 def test_bad_sizes_name_the_field(field, value, message):
     with pytest.raises(ConfigError, match=message):
         EngineConfig(**{field: value})
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * __import__("os").sysconf("SC_PAGE_SIZE")
+
+
+def test_cpu_kv_cache_is_resident_only_where_written(tiny_geometry):
+    """A cache sized for the worst case costs RAM only for what requests write (zero pages on
+    first touch); it reads as zeros everywhere else."""
+    from lorad.server.kv_cache import KVCache
+
+    before = _rss_bytes()
+    kv = KVCache(tiny_geometry, rows=64, max_seq_len=8192, dtype=torch.float32, device=torch.device("cpu"))
+    assert kv.nbytes == 256 * 2**20
+    assert _rss_bytes() - before < 32 * 2**20  # far below the 256 MiB allocated
+    assert float(kv.k[1, 63, -1, -1].abs().sum()) == 0.0 and float(kv.v[0, 5].abs().max()) == 0.0
+    kv.k[0, 0, 0, :100] = 1.0
+    kv.move_row(0, 3, 100)
+    assert torch.equal(kv.k[0, 3, 0, :100], torch.ones(100, tiny_geometry.head_dim))
+    kv.clear_row(3)
+    assert float(kv.k[:, 3].abs().max()) == 0.0
