@@ -45,7 +45,7 @@ def stage_env(out: Path) -> dict:
 
     import torch
 
-    info = {"payload": os.environ.get("LORAD_GPU_PAYLOAD", "unknown"), "cuda": torch.cuda.is_available()}
+    info = {"payload": os.environ.get("LORAD_GPU_PAYLOAD", "unknown"), "cuda": torch.cuda.is_available(), "ok": True}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info |= {"device": props.name, "memory_gib": props.total_memory / 2**30,

@@ -47,10 +47,13 @@ if [[ $DRY == 0 && -f .gpu_payload/MANIFEST ]]; then
   if [[ -z "$missing" ]]; then
     rm -rf "$WORK/payload" && mkdir -p "$WORK/payload" "$WORK/site"
     cat .gpu_payload/payload.tar.* | tar -x -C "$WORK/payload"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
-      "$WORK"/payload/wheels/*.whl || echo "payload: installing the wheels failed" >&2
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+        "$WORK"/payload/wheels/*.whl; then
+      export LORAD_GPU_PAYLOAD=complete
+    else
+      export LORAD_GPU_PAYLOAD="the payload's wheels did not install (pip's message above)"
+    fi
     export PYTHONPATH="$WORK/site:$WORK/payload${PYTHONPATH:+:$PYTHONPATH}"
-    export LORAD_GPU_PAYLOAD=complete
   else
     export LORAD_GPU_PAYLOAD="missing pieces: $missing(the machine went cold between the calls?)"
   fi
