@@ -62,3 +62,22 @@ def test_lorad_imports_from_a_bare_checkout():
     assert proc.returncode == 0, proc.stderr
     server, kernels = proc.stdout.split()
     assert Path(server) == REPO / "server" and Path(kernels) == REPO / "kernels"
+
+
+def test_metrics_stage_runs_against_a_real_server(tiny_base, tiny_geometry, tmp_path):
+    """The engine stage's /metrics check, on the CPU with the tiny model: a real server, real
+    gRPC requests through three adapters, /metrics scraped and parsed (device gauges are 0 here)."""
+    sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))
+    try:
+        import check
+    finally:
+        sys.path.pop(0)
+    from lorad.testing import write_random_adapter
+
+    for name, rank in (("r8-all", 8), ("r16-attn", 16), ("r4-mlp", 4)):
+        write_random_adapter(tmp_path / name, tiny_geometry, rank=rank, seed=rank)
+    result = check._metrics_check(tiny_base, tmp_path)
+    assert result["ok"], result
+    assert result["gauges"]["lorad_device_memory_allocated_bytes"] == 0 == result["torch_allocated"]
+    assert {k for k in result["gauges"] if k.startswith("lorad_memory_bytes")} == {
+        f'lorad_memory_bytes{{use="{u}"}}' for u in ("adapter_slots", "base_weights", "kv_cache")}

@@ -97,13 +97,21 @@ def _oracle(base, adapters_dir) -> dict:
     return result
 
 
+def _device_memory(device) -> tuple[int, int]:
+    import torch
+
+    if device.type != "cuda":
+        return 0, 0  # what the gauges report off CUDA
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+
+
 def _metrics_check(base, adapters_dir) -> dict:
     """A real server (gRPC + Prometheus) on 127.0.0.1: serve a few requests, scrape /metrics,
-    compare its device-memory gauges with torch.cuda read at the same moment (engine idle)."""
+    compare its device-memory gauges with torch.cuda read at the same moment (engine idle).
+    Runs on the CPU too (tests/test_gpu_check.py), where both sides are 0."""
     import asyncio
     import urllib.request
-
-    import torch
 
     from lorad.clients.aio_client import AsyncClient
     from lorad.server.app import LoradServer
@@ -120,8 +128,7 @@ def _metrics_check(base, adapters_dir) -> dict:
                 await asyncio.gather(*(client.generate("Tell me about the sea.", adapter_id=a, max_new_tokens=8)
                                        for a in ("r8-all", "r16-attn", None, "r4-mlp")))
             text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-            torch.cuda.synchronize()
-            allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+            allocated, reserved = _device_memory(base.device)
         finally:
             await server.stop(grace=1)
         return {"text": text, "allocated": allocated, "reserved": reserved}
@@ -138,7 +145,8 @@ def _metrics_check(base, adapters_dir) -> dict:
     result = {"gauges": gauges, "torch_allocated": got["allocated"], "torch_reserved": got["reserved"]}
     result["allocated_matches"] = alloc is not None and abs(alloc - got["allocated"]) <= 0.01 * got["allocated"]
     result["reserved_matches"] = res is not None and abs(res - got["reserved"]) <= 0.01 * got["reserved"]
-    result["split_within_allocated"] = bool(split) and sum(split.values()) <= got["allocated"]
+    on_cuda = base.device.type == "cuda"  # off CUDA the split is host memory, not device memory
+    result["split_within_allocated"] = len(split) == 3 and (not on_cuda or sum(split.values()) <= got["allocated"])
     result["ok"] = result["allocated_matches"] and result["reserved_matches"] and result["split_within_allocated"]
     return result
 
