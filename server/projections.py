@@ -77,6 +77,7 @@ class GroupBuilder:
         self.compute_dtype = compute_dtype
         self.routes: dict[str, int] = {}
         self.extra_bytes = 0
+        self.past_budget = 0  # NF4 groups left on bitsandbytes' per-call path by the budget
 
     def build(self, modules: list):
         group = self._choose(modules)
@@ -95,6 +96,10 @@ class GroupBuilder:
             if need <= self.dequant_left:
                 self.dequant_left -= need
                 return DequantizedNF4(modules, torch.float32)
+            if not self.past_budget:
+                log.warning("dequant_memory is spent: the remaining NF4 projections dequantize on every call "
+                            "(slow on this CPU; raise --dequant-memory)")
+            self.past_budget += 1
         return ModuleGroup(modules)
 
     def describe(self) -> str:
@@ -105,6 +110,8 @@ class GroupBuilder:
             "modules": "each module's own forward",
         }
         parts = [f"{names[r]} ({n} groups)" for r, n in sorted(self.routes.items())]
+        if self.past_budget:
+            parts.append(f"{self.past_budget} NF4 groups past --dequant-memory")
         if self.extra_bytes:
             parts.append(f"{self.extra_bytes / 2**20:.0f} MiB of copies")
         return "; ".join(parts)

@@ -83,7 +83,8 @@ def test_builder_keeps_the_dequant_copies_within_budget():
     built = [builder.build(g) for g in groups]
     assert [type(b) for b in built] == [DequantizedNF4, ModuleGroup]
     assert builder.routes == {"nf4-dequant": 1, "modules": 1}
-    assert builder.extra_bytes == budget
+    assert builder.extra_bytes == budget and builder.past_budget == 1
+    assert "1 NF4 groups past --dequant-memory" in builder.describe()
     with torch.inference_mode():
         for g, b in zip(groups, built):
             x = inputs()[2]
