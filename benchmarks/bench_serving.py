@@ -110,7 +110,7 @@ def prepare(args, workdir: Path) -> dict:
     assignment = [adapters[i * args.adapters // args.requests] for i in range(args.requests)]
     spec = {"adapters_dir": str(workdir / "adapters"), "prompts": prompts, "assignment": assignment,
             "new_tokens": args.new_tokens, "rank": args.rank, "single_requests": args.single_requests,
-            "device": args.device, "threads": args.threads}
+            "device": args.device, "quant": args.quant, "threads": args.threads}
     (workdir / "workload.json").write_text(json.dumps(spec))
     return spec
 
@@ -135,7 +135,7 @@ def run_lorad(spec: dict, mode: str) -> dict:
 
     # As lorad serve does it: load, build and step on one thread (lorad/server/model_thread.py).
     model_thread = ModelThread()
-    base = model_thread.run(load_base, BaseModelConfig(device=spec["device"]))
+    base = model_thread.run(load_base, BaseModelConfig(device=spec["device"], quant=spec["quant"]))
     prompts = spec["prompts"][: spec["single_requests"]] if mode == "single" else spec["prompts"]
     n_req = len(prompts)
     config = EngineConfig(max_seq_len=512, max_batch_size=n_req, threads=spec["threads"],
@@ -208,7 +208,7 @@ def run_hf(spec: dict, method: str) -> dict:
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    base = load_base(BaseModelConfig(device=spec["device"]))
+    base = load_base(BaseModelConfig(device=spec["device"], quant=spec["quant"]))
     tok, model = base.tokenizer, base.model
     if method.startswith("peft"):
         from peft import PeftModel
@@ -379,6 +379,7 @@ def main() -> None:
     parser.add_argument("--cpu-path", choices=("native", "avx2"), default="native",
                         help="avx2: run every method as on an AVX2-only CPU (see the module docstring)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    parser.add_argument("--quant", choices=("nf4", "none"), default="nf4", help="the base's weights")
     parser.add_argument("--quick", action="store_true", help="1 round, 16 new tokens: checks the script runs")
     parser.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     parser.add_argument("--markdown", dest="md_out", default=None, help="also write the tables here")

@@ -204,15 +204,21 @@ def stage_serving(out: Path) -> dict:
 
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
+    try:
+        import bitsandbytes  # noqa: F401
+
+        quant = "nf4"
+    except ImportError:  # prepare.sh --no-nf4: serve the bf16 base instead
+        quant = "none"
     report = out / "serving.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_serving.py"), "--device", "cuda",
-                           "--requests", "32", "--rounds", "1", "--json", str(report),
+                           "--quant", quant, "--requests", "32", "--rounds", "1", "--json", str(report),
                            "--markdown", str(out / "serving.md")], cwd=REPO, capture_output=True, text=True)
     (out / "serving.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         return {"ok": False, "error": proc.stderr[-1500:]}
     data = json.loads(report.read_text())
-    return {"median": data["median"], "ratios": data["ratios"], "routes": data["routes"], "ok": True}
+    return {"quant": quant, "median": data["median"], "ratios": data["ratios"], "routes": data["routes"], "ok": True}
 
 
 # --- driver ----------------------------------------------------------------------------------------
