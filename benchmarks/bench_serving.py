@@ -135,7 +135,7 @@ def run_lorad(spec: dict, mode: str) -> dict:
 
     # As lorad serve does it: load, build and step on one thread (lorad/server/model_thread.py).
     model_thread = ModelThread()
-    base = model_thread.run(load_base, BaseModelConfig(device=spec["device"], quant=spec["quant"]))
+    base = model_thread.run(load_base, BaseModelConfig(device=spec["device"], quant=spec.get("quant", "nf4")))
     prompts = spec["prompts"][: spec["single_requests"]] if mode == "single" else spec["prompts"]
     n_req = len(prompts)
     config = EngineConfig(max_seq_len=512, max_batch_size=n_req, threads=spec["threads"],
@@ -208,7 +208,7 @@ def run_hf(spec: dict, method: str) -> dict:
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    base = load_base(BaseModelConfig(device=spec["device"], quant=spec["quant"]))
+    base = load_base(BaseModelConfig(device=spec["device"], quant=spec.get("quant", "nf4")))
     tok, model = base.tokenizer, base.model
     if method.startswith("peft"):
         from peft import PeftModel
