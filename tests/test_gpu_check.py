@@ -38,7 +38,7 @@ def test_arguments_are_checked(tmp_path):
     assert proc.returncode == 2 and "--stages: unknown bogus" in proc.stderr
     proc = run_check(tmp_path, "--dry-run")
     assert proc.returncode == 2 and "give --out DIR (or set OUT)" in proc.stderr
-    proc = run_check(tmp_path, "--dry-run", env={"OUT": str(tmp_path / "from-env")})  # $OUT when set
+    proc = run_check(tmp_path, "--dry-run", "--stages", "env", env={"OUT": str(tmp_path / "from-env")})  # $OUT when set
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "from-env" / "summary.md").is_file()
 

@@ -252,7 +252,8 @@ def dry_run(stages: list[str], out: Path) -> int:
             except Exception as exc:  # noqa: BLE001 - report every import problem
                 problems.append(f"{name}: import {module} failed: {type(exc).__name__}: {exc}")
         plan.append({"stage": name, "limit_s": limit, "needs_payload": needs_payload, "checks": what})
-    for script in ("bench_lora_gpu.py", "bench_serving.py"):
+    scripts = {"sweep": "bench_lora_gpu.py", "serving": "bench_serving.py"}
+    for script in (scripts[s] for s in stages if s in scripts):
         proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--help"], capture_output=True, text=True)
         if proc.returncode != 0:
             problems.append(f"benchmarks/{script} --help failed: {proc.stderr[-300:]}")
