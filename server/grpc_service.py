@@ -41,7 +41,6 @@ LOCATIONS = {
     "host": lorad_pb2.ADAPTER_LOCATION_HOST,
     "device": lorad_pb2.ADAPTER_LOCATION_DEVICE,
 }
-DEFAULT_MAX_UNSENT_CHUNKS = 256
 
 
 def sampling_params_from(request: lorad_pb2.GenerateRequest, default_max_new_tokens: int) -> SamplingParams:
@@ -114,7 +113,7 @@ class _RequestEvents:
 
 
 class GeneratorService(lorad_pb2_grpc.GeneratorServicer):
-    def __init__(self, base_name: str, max_unsent_chunks: int = DEFAULT_MAX_UNSENT_CHUNKS):
+    def __init__(self, base_name: str, max_unsent_chunks: int):
         self.engine: Engine | None = None  # set once the base is loaded
         self.base_name = base_name
         self.max_unsent_chunks = max_unsent_chunks

@@ -105,20 +105,27 @@ def sample_tokens(
     seen: list[torch.Tensor | None],  # per row: token ids for the repetition penalty, or None
 ) -> list[int | None]:
     """One token per row; None for a row that cannot be sampled (non-finite logits), which
-    never affects the other rows. Works in float64, where a penalty or temperature of 1e-40
+    never affects the other rows. Plain greedy rows are one batched argmax; a row with a
+    penalty or a temperature is worked in float64, where a penalty or temperature of 1e-40
     stays finite for any sane logit."""
-    logits = logits.double().cpu()
+    logits = logits.float().cpu()
     finite = torch.isfinite(logits).all(dim=-1).tolist()
-    for row, p in enumerate(params):
-        if finite[row] and p.repetition_penalty != 1.0 and seen[row] is not None and seen[row].numel():
-            apply_repetition_penalty(logits[row], seen[row], p.repetition_penalty)
     tokens: list[int | None] = logits.argmax(dim=-1).tolist()
     for row, p in enumerate(params):
         if not finite[row]:
             tokens[row] = None
-        elif not p.greedy:
-            try:
-                tokens[row] = _sample_row(logits[row], p, generators[row])
-            except RuntimeError:  # should not happen after the shift above; fail the row, not the batch
-                tokens[row] = None
+            continue
+        penalize = p.repetition_penalty != 1.0 and seen[row] is not None and seen[row].numel() > 0
+        if p.greedy and not penalize:
+            continue
+        values = logits[row].double()  # [V]
+        if penalize:
+            apply_repetition_penalty(values, seen[row], p.repetition_penalty)
+        if p.greedy:
+            tokens[row] = int(values.argmax())
+            continue
+        try:
+            tokens[row] = _sample_row(values, p, generators[row])
+        except RuntimeError:  # should not happen after the shift in _sample_row; fail the row, not the batch
+            tokens[row] = None
     return tokens
