@@ -112,7 +112,8 @@ class LoadedAdapter:
 
 def adapter_stamp(path: Path) -> tuple:
     """Identity of an adapter folder's files as they are now (inode, size, times of the config
-    and the weights, links followed): any replace, rewrite or touch changes it."""
+    and the weights, links followed): a replace, a touch or a rewrite changes it (a rewrite in
+    place of the same size only once the filesystem's timestamp has ticked)."""
     out = []
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         try:

@@ -108,10 +108,9 @@ class AdapterStore:
                 result = inspect_adapter(path, adapter_id, self.geometry, self.max_rank, root=self.root)
             except InvalidAdapterError as exc:
                 result = exc
-            except Exception as exc:  # a reader bug must not turn into a failed listing for everyone
+            except Exception:  # a reader bug must not turn into a failed listing for everyone
                 log.exception("inspecting adapter %s at %s failed", adapter_id, path)
-                result = InvalidAdapterError(f"adapter {adapter_id!r} could not be read ({type(exc).__name__}); "
-                                             "see the server log")
+                result = InvalidAdapterError(f"adapter {adapter_id!r} could not be read; see the server log")
             with self._lock:
                 self._inspected[adapter_id] = (stamp, result)
         if isinstance(result, InvalidAdapterError):
@@ -199,8 +198,7 @@ class AdapterStore:
                 log.info("adapter %s (%s) refused: %s", adapter_id, self.root / adapter_id, exc)
             else:
                 log.exception("loading adapter %s from %s failed", adapter_id, self.root / adapter_id)
-                error = InvalidAdapterError(f"adapter {adapter_id!r} could not be loaded ({type(exc).__name__}); "
-                                            "see the server log")
+                error = InvalidAdapterError(f"adapter {adapter_id!r} could not be loaded; see the server log")
             with self._lock:
                 self._failed[adapter_id] = (stamp, error)
             raise error from exc
