@@ -143,6 +143,10 @@ class AdapterStore:
             adapter = self._host.get(adapter_id)
             return adapter.stamp if adapter is not None else None
 
+    def host_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._host)
+
     def is_loading(self, adapter_id: str) -> bool:
         with self._lock:
             return adapter_id in self._loading
