@@ -7,19 +7,18 @@ the last live row moves into its place (a copy of that row's filled prefix), so 
 attention reads a view of the first n_rows.
 
 On the CPU the cache is anonymous memory that the kernel zero-fills page by page on first
-touch: a cache sized for 32 rows of 2048 tokens (3 GB for SmolLM2) holds resident only the
-pages that requests have written, so sizing for the worst case costs address space, not RAM.
+touch (server/zero_pages.py): a cache sized for 32 rows of 2048 tokens (3 GB for SmolLM2)
+holds resident only the pages that requests have written.
 """
 
 from __future__ import annotations
-
-import math
-import mmap
 
 import torch
 
 from lorad.errors import ConfigError
 from lorad.geometry import ModelGeometry
+
+from lorad.server.zero_pages import ZeroPages
 
 
 def rows_for_budget(geometry: ModelGeometry, max_seq_len: int, dtype: torch.dtype, budget_bytes: int) -> int:
@@ -38,16 +37,9 @@ class KVCache:
         shape = (geometry.num_layers, rows, geometry.num_kv_heads, max_seq_len, geometry.head_dim)
         # zeros, not empty: masked keys still meet their values in the attention product,
         # and uninitialized memory could hold NaN.
-        self._buffers: list[mmap.mmap] = []
-        self.k = self._zeros(shape, dtype, device)
-        self.v = self._zeros(shape, dtype, device)
-
-    def _zeros(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        if torch.device(device).type != "cpu":
-            return torch.zeros(shape, dtype=dtype, device=device)
-        buffer = mmap.mmap(-1, math.prod(shape) * torch.finfo(dtype).bits // 8)  # zero pages, on demand
-        self._buffers.append(buffer)  # the tensor borrows it: keep it alive as long as the cache
-        return torch.frombuffer(buffer, dtype=dtype).view(shape)
+        self._memory = ZeroPages()  # on the CPU: resident only where written
+        self.k = self._memory.zeros(shape, dtype, device)
+        self.v = self._memory.zeros(shape, dtype, device)
 
     @property
     def nbytes(self) -> int:

@@ -70,3 +70,28 @@ def test_cpu_kv_cache_is_resident_only_where_written(tiny_geometry):
     assert torch.equal(kv.k[0, 3, 0, :100], torch.ones(100, tiny_geometry.head_dim))
     kv.clear_row(3)
     assert float(kv.k[:, 3].abs().max()) == 0.0
+
+
+def test_adapter_slots_are_resident_only_where_adapters_were_written(tiny_geometry, tmp_path):
+    """Slots sized for rank 64 hold a rank-4 adapter: only its rows become resident, and an
+    evicted adapter's rows are zero again (a later adapter of lower rank sees no leftovers)."""
+    from lorad.adapter_format import load_adapter
+    from lorad.server.lora_slots import LoRASlotPool
+    from lorad.testing import write_random_adapter
+
+    before = _rss_bytes()
+    pool = LoRASlotPool(tiny_geometry, num_slots=64, max_rank=512, dtype=torch.float32, device=torch.device("cpu"))
+    assert pool.nbytes > 100 * 2**20
+    assert _rss_bytes() - before < 24 * 2**20
+    wide = load_adapter(write_random_adapter(tmp_path / "wide", tiny_geometry, rank=8, seed=1), "wide",
+                        tiny_geometry, 512)
+    narrow = load_adapter(write_random_adapter(tmp_path / "narrow", tiny_geometry, rank=2, seed=2), "narrow",
+                          tiny_geometry, 512)
+    slot = pool.acquire_load(wide)
+    m = pool.layers[0]["q_proj"]
+    assert float(m.a[slot, :8].abs().sum()) > 0 and float(m.a[slot, 8:].abs().sum()) == 0
+    pool.release(slot)
+    assert pool.evict("wide")
+    assert float(m.a[slot].abs().sum()) == 0 and float(m.b[slot].abs().sum()) == 0
+    slot2 = pool.acquire_load(narrow)
+    assert float(m.a[slot2, 2:].abs().sum()) == 0 and float(m.b[slot2, 2:].abs().sum()) == 0
