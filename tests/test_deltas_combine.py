@@ -124,6 +124,45 @@ def test_read_adapter_refuses_broken_files(tiny_geometry, tmp_path):
         read_adapter(path)
 
 
+# ---- writing ------------------------------------------------------------------------------------
+
+
+def test_write_peft_model_writes_what_peft_save_pretrained_writes(tiny_base, tmp_path):
+    """The trainer's path: the same tensors and config as PEFT's own save, plus provenance."""
+    from peft import LoraConfig, PeftConfig, get_peft_model
+
+    from lorad.deltas.adapter_io import write_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_base.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                       init_lora_weights=False, rank_pattern={"down_proj": 2}))
+    try:
+        model.save_pretrained(tmp_path / "peft")
+        write_peft_model(model, tmp_path / "ours", "tiny-llama", {"kind": "test"})
+    finally:
+        model.unload()
+    theirs, ours = load_file(tmp_path / "peft" / "adapter_model.safetensors"), load_file(
+        tmp_path / "ours" / "adapter_model.safetensors")
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    c_theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    c_ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert c_ours.pop("base_model_name_or_path") == "tiny-llama"
+    c_theirs.pop("base_model_name_or_path")
+    assert c_ours == {k: sorted(v) if isinstance(v, list) else v for k, v in c_theirs.items()}
+    assert PeftConfig.from_pretrained(tmp_path / "ours").rank_pattern == {"down_proj": 2}
+    assert json.loads((tmp_path / "ours" / "lorad_provenance.json").read_text()) == {"kind": "test"}
+
+
+def test_write_adapter_refuses_non_finite_values_and_leaves_nothing(tmp_path):
+    from lorad.deltas.adapter_io import lora_config, write_adapter
+
+    tensors = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.tensor([[float("inf")]]),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(1, 1)}
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        write_adapter(tmp_path / "bad", tensors, lora_config(rank=1, alpha=1, target_modules=["q_proj"]))
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
 # ---- combining: the oracles ---------------------------------------------------------------------
 
 
@@ -282,3 +321,43 @@ def test_combine_help_explains_every_method_with_an_example():
         assert f"--method {method}" in r.output
     for knob in ("--rank", "--density", "--majority-sign", "--seed"):
         assert knob in r.output
+
+
+@pytest.mark.slow
+def test_combined_adapter_served_by_lorad_answers_like_peft(smollm_base_fp32, tmp_path):
+    """The real SmolLM2 in float32: two PEFT adapters (rank 8 on attention, rank 16 rsLoRA on every
+    projection) combined with linear, weights 1 and -0.5 (ranks 24 and 16, so rank_pattern and a
+    folded scale are in play), served by lorad's engine and by PEFT: the same greedy tokens."""
+    from peft import PeftModel
+
+    from lorad.deltas.verify import encode_prompts
+    from lorad.server.offline_reference import engine_reference
+
+    base = smollm_base_fp32
+    first = _peft_adapter(base, tmp_path / "attn", 11, r=8, lora_alpha=16,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    second = _peft_adapter(base, tmp_path / "all", 12, r=16, lora_alpha=8, use_rslora=True, target_modules=TARGETS)
+    for path, scale in ((first, 0.3), (second, 0.15)):  # PEFT's random B is large; keep the text fluent
+        tensors = load_file(path / "adapter_model.safetensors")
+        save_file({k: v * scale if "lora_B" in k else v for k, v in tensors.items()},
+                  path / "adapter_model.safetensors")
+    result = combine([read_adapter(first), read_adapter(second)], [1.0, -0.5], CombineConfig(method="linear"))
+    out = write_combined(result, tmp_path / "combined")
+    assert {m.rank for m in result.modules} == {24, 16} and result.overall_error < 1e-6
+
+    prompts = encode_prompts(base.tokenizer)
+    served = engine_reference(base, out, prompts, 16)
+    base_only = engine_reference(base, None, prompts, 16)
+    assert sum(s.tokens != b.tokens for s, b in zip(served, base_only)) >= 4  # the adapter matters
+
+    model = PeftModel.from_pretrained(base.model, out)
+    try:
+        eos = base.tokenizer.eos_token_id
+        for ids, s in zip(prompts, served):
+            with torch.no_grad():
+                gen = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=eos,
+                                     pad_token_id=base.tokenizer.pad_token_id)[0, len(ids):].tolist()
+            want = s.tokens + ([eos] if s.stop_ids else [])
+            assert gen[: len(want)] == want, (gen, want)
+    finally:
+        model.unload()

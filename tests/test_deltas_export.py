@@ -62,23 +62,19 @@ def test_model_gguf_f32_reads_back_exactly_in_transformers(tiny_base_dir, tmp_pa
         assert torch.equal(got[name], w), name  # q/k permutation undone, every tensor exact
 
 
-@pytest.mark.parametrize("outtype, bound", [("q8_0", 0.01), ("q4_0", 0.15)])
-def test_quantized_tensors_stay_within_their_block_error(tiny_base_dir, tmp_path, outtype, bound):
+def test_quantized_tensors_stay_within_their_block_error(tiny_base_dir, tmp_path):
     import gguf
 
-    path = write_model_gguf(tiny_base_dir, tmp_path / f"{outtype}.gguf", outtype)
-    reader, _ = _reader(path)
-    want = load_file(tiny_base_dir / "model.safetensors")
-    types = {}
-    for t in reader.tensors:
-        types[t.name] = t.tensor_type.name
-        if t.name == "blk.0.ffn_down.weight":
-            got = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy())
-            w = want["model.layers.0.mlp.down_proj.weight"]
-            assert float((got - w).norm() / w.norm()) < bound
-    assert types["blk.0.attn_norm.weight"] == "F32"
-    assert types["blk.0.ffn_up.weight"] == outtype.upper()
-    assert types["token_embd.weight"] == "Q8_0"  # q4_0 keeps the (tied) embeddings at Q8_0
+    want = load_file(tiny_base_dir / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+    for outtype, bound in (("q8_0", 0.01), ("q4_0", 0.15)):
+        reader, _ = _reader(write_model_gguf(tiny_base_dir, tmp_path / f"{outtype}.gguf", outtype))
+        tensors = {t.name: t for t in reader.tensors}
+        down = tensors["blk.0.ffn_down.weight"]
+        got = torch.from_numpy(gguf.dequantize(down.data, down.tensor_type).copy())
+        assert float((got - want).norm() / want.norm()) < bound, outtype
+        assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+        assert tensors["blk.0.ffn_up.weight"].tensor_type.name == outtype.upper()
+        assert tensors["token_embd.weight"].tensor_type.name == "Q8_0"  # q4_0 keeps the tied embeddings at Q8_0
 
 
 def test_gguf_adapter_has_llama_cpp_metadata_and_the_same_deltas(tiny_base_dir, tiny_geometry, tmp_path):
@@ -153,7 +149,7 @@ def test_export_command_writes_an_adapter_gguf(tiny_base_dir, adapter, tmp_path)
     r = CliRunner().invoke(main, ["export", "--format", "gguf-adapter", "--outtype", "f16", "--base",
                                   str(tiny_base_dir), "--out", str(out), str(adapter.path)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    assert "28 module deltas read back" in r.output and out.is_file()
+    assert "14 module deltas read back" in r.output and out.is_file()
     r = CliRunner().invoke(main, ["export", "--format", "gguf-adapter", "--out", str(tmp_path / "m.gguf"),
                                   str(tmp_path / "missing")])
     assert r.exit_code == 1 and "no such adapter folder" in r.output

@@ -381,4 +381,7 @@ def write_peft_model(peft_model, output_dir: str | Path, base_name: str, provena
     config.pop("runtime_config", None)
     config["base_model_name_or_path"] = base_name
     config["inference_mode"] = True
+    if config.get("task_type") is None:  # PEFT records which class to rebuild, as save_pretrained does
+        cls = type(peft_model.get_base_model())
+        config["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
     return write_adapter(output_dir, tensors, config, provenance)

@@ -38,7 +38,7 @@ from lorad.deltas.adapter_io import (
     read_adapter,
     write_adapter,
 )
-from lorad.deltas.factor import Factored, factor_dense, factor_sum
+from lorad.deltas.factor import Factored, factor_dense, factor_sum, torch_threads
 from lorad.deltas.methods import SIGN_METHODS, combine_dense
 from lorad.errors import ConfigError, InvalidAdapterError, LoradError
 
@@ -224,8 +224,12 @@ def _factor_module(config: CombineConfig, adapters: list[Adapter], weights: list
 
 
 def combine(adapters: list[Adapter], weights: list[float], config: CombineConfig,
-            progress: Progress | None = None, cancel: threading.Event | None = None) -> CombineResult:
-    """Combine adapters module by module (see the module docstring); nothing is written."""
+            progress: Progress | None = None, cancel: threading.Event | None = None,
+            threads: int | None = 1) -> CombineResult:
+    """Combine adapters module by module (see the module docstring); nothing is written.
+
+    threads: torch intra-op threads while combining (lorad.deltas.factor.torch_threads); None
+    leaves the process setting alone (what a server calling from a side thread wants)."""
     if not adapters:
         raise ConfigError("adapters: give at least one adapter")
     if len(weights) != len(adapters):
@@ -239,7 +243,7 @@ def combine(adapters: list[Adapter], weights: list[float], config: CombineConfig
     started = time.perf_counter()
     names = _module_names(adapters)
     factors, reports = {}, []
-    with torch.no_grad():
+    with torch.no_grad(), torch_threads(threads):
         for done, name in enumerate(names, 1):
             if cancel is not None and cancel.is_set():
                 raise CombineCancelled(f"combination cancelled after {done - 1} of {len(names)} modules")

@@ -17,9 +17,28 @@ evenly, B = U sqrt(S), A = sqrt(S) V^T, so neither factor carries the whole magn
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block with n intra-op threads (None: leave them). The per-module problems here are
+    small (a QR of [out, K] with K ~ 10-100): a parallel region costs more than it saves, and on a
+    busy 2-core machine far more (measured: QR of a [1536, 24] float64 matrix 1-2 ms on one thread,
+    30-110 ms on two at load average 10). torch.set_num_threads is process-wide for MKL, so a
+    server calling this from a side thread should pass None."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
