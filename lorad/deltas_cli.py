@@ -306,9 +306,10 @@ The merge inside hf / gguf / ollama adds the delta to dequant(NF4(W)) unless --f
 
 
 def _export_command():
-    from lorad.deltas.export import FORMATS
+    from lorad.deltas.export import FORMATS, ExportConfig
     from lorad.deltas.gguf_export import MODEL_OUTTYPES
     from lorad.deltas.merge import DTYPES
+    from lorad.deltas.nf4 import QUANT_DTYPES
 
     @click.command("export", context_settings=_CTX, help=_EXPORT_HELP)
     @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True, help="What to write (see above).")
@@ -320,17 +321,19 @@ def _export_command():
     @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
                   help="Weights of an hf export [default: the base checkpoint's dtype].")
     @click.option("--from-original", is_flag=True, help="Merge into the original weights, not dequant(NF4(W)).")
+    @click.option("--nf4-dtype", type=click.Choice(list(QUANT_DTYPES)), default=ExportConfig.nf4_dtype,
+                  show_default=True, help="As for `lorad merge`.")
     @click.option("--force", is_flag=True, help="Replace --out if it exists (after verification).")
     @click.argument("adapter", type=click.Path(path_type=Path), metavar="ADAPTER_DIR")
-    def export_cmd(fmt, out, base, outtype, dtype, from_original, force, adapter):
+    def export_cmd(fmt, out, base, outtype, dtype, from_original, nf4_dtype, force, adapter):
         _quiet()
         try:
             from lorad.deltas.adapter_io import read_adapter
-            from lorad.deltas.export import ExportConfig, export
+            from lorad.deltas.export import export
             from lorad.server.offline_reference import engine_reference
 
             config = ExportConfig(format=fmt, base=base, outtype=outtype, dtype=dtype, from_original=from_original,
-                                  overwrite=force)
+                                  nf4_dtype=nf4_dtype, overwrite=force)
             bars = _Bars()
             try:
                 report = export(read_adapter(adapter), out, config, engine_reference, progress=bars)

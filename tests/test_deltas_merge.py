@@ -136,6 +136,19 @@ def test_a_wrong_merge_is_caught_and_nothing_is_published(base_dir, adapter, tmp
     assert not out.exists() and not list(tmp_path.glob(".*"))
 
 
+def test_a_cancelled_merge_publishes_nothing(base_dir, adapter, tmp_path):
+    import threading
+
+    from lorad.deltas.merge import MergeCancelled
+
+    cancel = threading.Event()
+    cancel.set()
+    out = tmp_path / "cancelled"
+    with pytest.raises(MergeCancelled, match="nothing was written"):
+        merge_adapters([adapter], [1.0], out, MergeConfig(base=str(base_dir)), engine_reference, cancel=cancel)
+    assert not out.exists() and not list(tmp_path.glob(".*"))
+
+
 def test_bad_input_is_refused_before_any_work(base_dir, adapter, tiny_geometry, tmp_path):
     from lorad.geometry import ModelGeometry
 

@@ -8,6 +8,7 @@
     merge        MergeConfig + merge_adapters(): a verified transformers model folder
     verify       the comparison a merged (or exported) model must pass before it is published
     gguf_export  merged model -> GGUF; adapter -> llama.cpp LoRA GGUF; Ollama Modelfile
+    export       ExportConfig + export(): hf | gguf | gguf-adapter | ollama, verified, then published
 
 Every long operation takes a progress callback and is a plain function of its inputs, so the CLI
 (lorad.deltas_cli) and a server job can both drive it.

@@ -53,6 +53,7 @@ class ExportConfig:
         f32 | f16 | bf16 (gguf-adapter; default f32).
     dtype: weights of the hf folder (fp32 | bf16 | fp16; default the base's own dtype).
     from_original: merge into the original weights instead of dequant(NF4(W)).
+    nf4_dtype: as MergeConfig.nf4_dtype.
     overwrite: replace an existing --out.
     """
 
@@ -61,6 +62,7 @@ class ExportConfig:
     outtype: str | None = None
     dtype: str | None = None
     from_original: bool = False
+    nf4_dtype: str = "fp32"
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -107,7 +109,8 @@ def export(adapter: Adapter, out: str | Path, config: ExportConfig, reference: R
 
 
 def _merge_config(config: ExportConfig, dtype: str | None) -> MergeConfig:
-    return MergeConfig(base=config.base, dtype=dtype, from_original=config.from_original, overwrite=config.overwrite)
+    return MergeConfig(base=config.base, dtype=dtype, from_original=config.from_original,
+                       nf4_dtype=config.nf4_dtype, overwrite=config.overwrite)
 
 
 def _size(path: Path) -> int:

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,10 @@ Reference = Callable[[LoadedBase, "Path | None", list, int], list]
 
 class MergeVerificationError(LoradError):
     """The merged model does not answer like lorad serving the adapter; nothing was published."""
+
+
+class MergeCancelled(LoradError):
+    """The caller cancelled the merge; nothing was published."""
 
 
 @dataclass
@@ -356,16 +361,30 @@ def staging_dir(out_dir: Path, overwrite: bool) -> Path:
 
 
 def merge_adapters(adapters: list[Adapter], weights: list[float], out_dir: str | Path, config: MergeConfig,
-                   reference: Reference, progress: Progress | None = None, staged_only: bool = False) -> MergeReport:
+                   reference: Reference, progress: Progress | None = None, staged_only: bool = False,
+                   cancel: threading.Event | None = None) -> MergeReport:
     """Merge sum_i w_i dW_i into the base, verify against `reference`, publish out_dir atomically.
+
+    cancel: set it from another thread to stop at the next weight (MergeCancelled; nothing is
+    published, the staging folder is removed).
 
     staged_only=True leaves the verified folder in a hidden staging folder beside out_dir and
     returns that path as report.out_dir (export uses it as an intermediate and removes it).
     """
     if not adapters:
         raise ConfigError("adapters: give at least one adapter")
+    if len(weights) != len(adapters):
+        raise ConfigError(f"weights: {len(weights)} weights for {len(adapters)} adapters")
     out_dir = Path(out_dir)
     times: dict[str, float] = {}
+    caller_progress = progress
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if cancel is not None and cancel.is_set():
+            raise MergeCancelled(f"merge cancelled during {phase}; nothing was written to {out_dir}")
+        if caller_progress is not None:
+            caller_progress(phase, done, total)
+
     t0 = time.perf_counter()
     base = locate_base(config.base)
     check_adapters_fit(base, adapters)
@@ -380,8 +399,7 @@ def merge_adapters(adapters: list[Adapter], weights: list[float], out_dir: str |
         ref_adapter = reference_adapter(adapters, weights, scratch)
         generations = reference(loaded, ref_adapter, prompts, config.verify_tokens)
         times["reference"] = time.perf_counter() - t
-        if progress is not None:
-            progress("reference", len(prompts), len(prompts))
+        progress("reference", len(prompts), len(prompts))
 
         t = time.perf_counter()
         adapted = {name for a in adapters for name in a.modules}

@@ -17,7 +17,9 @@ What must hold depends on how the weights are stored (Tolerance below):
     fails it by far (random agreement is ~0%, mean diffs of 5-10).
 
 The numbers were measured on SmolLM2-135M with a rank-8 adapter on every projection
-(README "lorad merge" and "lorad export" list what each storage showed) and set with 2-3x slack.
+(benchmarks/bench_deltas.py; README "lorad merge" and "lorad export" list what each storage
+showed: e.g. bf16 max 0.066, fp16 0.0056, Q8_0 0.095, Q4_0 mean 0.59 with 67% of positions
+agreeing) and set with 2-5x slack.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ TOLERANCES = {
     "bf16": Tolerance(0.25, 0.25),
     "gguf-bf16": Tolerance(0.25, 0.25),
     "gguf-q8_0": Tolerance(0.3, 0.3),
-    "gguf-q4_0": Tolerance(None, None, mean_logprob=1.0, min_agreement=0.6),
+    "gguf-q4_0": Tolerance(None, None, mean_logprob=1.5, min_agreement=0.4),
 }
 
 # what `lorad merge` asks the reference and the merged model (chat-templated when the base has one)
