@@ -177,11 +177,14 @@ def _run_combine(method, out_dir, rank, density, majority_sign, seed, force, ada
 def _combine_summary(result, out_dir: Path, write_seconds: float) -> str:
     from lorad.adapter_format import WEIGHTS_FILE
 
+    from lorad.geometry import PROJECTIONS
+
     groups = defaultdict(list)
     for m in result.modules:
         groups[m.name.rsplit(".", 1)[-1]].append(m)
+    order = {p: i for i, p in enumerate(PROJECTIONS)}
     rows = []
-    for proj, mods in groups.items():
+    for proj, mods in sorted(groups.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
         ins = sorted({tuple(m.input_ranks) for m in mods})
         outs = sorted({m.rank for m in mods})
         rows.append([proj, len(mods), " | ".join("+".join(map(str, r)) for r in ins), ",".join(map(str, outs)),

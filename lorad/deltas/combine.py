@@ -22,6 +22,7 @@ so a CLI, a server job or a test can drive it.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -196,10 +197,9 @@ def weighted_delta(adapters: list[Adapter], weights: list[float], name: str) -> 
 
 
 def _module_names(adapters: list[Adapter]) -> list[str]:
-    names: dict[str, None] = {}
-    for adapter in adapters:
-        names.update(dict.fromkeys(adapter.modules))
-    return list(names)
+    """Every adapted module, in natural order (layer 2 before layer 10)."""
+    names = {name for adapter in adapters for name in adapter.modules}
+    return sorted(names, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)])
 
 
 def _factor_module(config: CombineConfig, adapters: list[Adapter], weights: list[float], name: str) -> Factored:

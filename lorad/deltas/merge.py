@@ -11,9 +11,10 @@ Steps (memory: one float32 copy of the base, plus one output shard):
      dequant(NF4(W)) (lorad.deltas.nf4): the base the adapter was trained and served against;
   3. reference: lorad serving the adapter (weighted adapters: their exact `cat` combination) on
      THAT base in float32 answers the verification prompts (greedy tokens and log-probs);
-  4. write W' = W_src + sum_i w_i dW_i (cast to the output dtype) for every adapted module and
-     the base's other tensors unchanged, in the base's own tensor names and shard layout rules,
-     with config, generation config, tokenizer and chat template, into a staging folder;
+  4. write W' = W_src + sum_i w_i dW_i for every adapted module, W_src for the other projections
+     and every other tensor (embeddings, norms) as in the base, cast to the output dtype, under
+     the base's own tensor names, with config, generation config, tokenizer and chat template,
+     into a staging folder beside out_dir;
   5. load the staging folder back with AutoModelForCausalLM and check it against the reference
      (lorad.deltas.verify); only then rename it into place (atomic on one filesystem).
 
