@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "combine": ("lorad.deltas_cli", "combine", "Combine adapters into one (linear, svd, cat, ties, dare, ...)."),
     "merge": ("lorad.deltas_cli", "merge", "Merge adapters into the base: a verified transformers folder."),
     "export": ("lorad.deltas_cli", "export", "Export an adapter: hf folder, GGUF, llama.cpp adapter, Ollama."),
+    "cluster": ("lorad.cluster", "cluster", "Run replicas behind HAProxy with adapter affinity on this machine."),
 }
 
 
