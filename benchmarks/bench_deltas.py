@@ -36,7 +36,7 @@ def main() -> None:
     from lorad.deltas import verify
     from lorad.deltas.adapter_io import read_adapter
     from lorad.deltas.combine import METHODS, CombineConfig, combine, write_combined
-    from lorad.deltas.export import ExportConfig, adapter_gguf_errors, export, verify_gguf
+    from lorad.deltas.export import ExportConfig, export, verify_gguf
     from lorad.deltas.gguf_export import tokenizer_source, write_model_gguf
     from lorad.deltas.merge import MergeConfig, locate_base, merge_adapters
     from lorad.deltas_cli import _size

@@ -7,7 +7,8 @@
     nf4          dequant(NF4(W)): the base a QLoRA / NF4-served adapter was trained and served against
     merge        MergeConfig + merge_adapters(): a verified transformers model folder
     verify       the comparison a merged (or exported) model must pass before it is published
-    gguf_export  merged model -> GGUF; adapter -> llama.cpp LoRA GGUF; Ollama Modelfile
+    gguf_export  merged model -> GGUF; adapter -> llama.cpp LoRA GGUF
+    ollama       the Modelfile next to an exported GGUF
     export       ExportConfig + export(): hf | gguf | gguf-adapter | ollama, verified, then published
 
 Every long operation takes a progress callback and is a plain function of its inputs, so the CLI

@@ -119,7 +119,8 @@ def _size(path: Path) -> int:
 
 def _export_model(adapter: Adapter, out: Path, config: ExportConfig, reference: Reference,
                   progress: Progress | None) -> ExportReport:
-    from lorad.deltas.gguf_export import tokenizer_source, write_model_gguf, write_modelfile
+    from lorad.deltas.gguf_export import tokenizer_source, write_model_gguf
+    from lorad.deltas.ollama import write_modelfile
 
     # the merged model in float32, so the GGUF's own type is the only rounding after the merge
     merge = merge_adapters([adapter], [1.0], out, _merge_config(config, dtype="fp32"), reference, progress,
