@@ -35,10 +35,16 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
+def _table(rows: list[list], header: list[str], right: tuple[int, ...] = ()) -> str:
+    """Plain aligned columns; the columns in `right` (numbers) are right-aligned."""
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+    def line(r):
+        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        return "  ".join(cells).rstrip()
+
+    head = [line(header), line(["-" * w for w in widths])] if any(header) else []
+    return "\n".join(head + [line(r) for r in rows])
 
 
 class _Bars:
@@ -191,7 +197,7 @@ def _combine_summary(result, out_dir: Path, write_seconds: float) -> str:
                      f"{max(m.error for m in mods):.2e}"])
     lines = [f"combined {len(result.inputs)} adapters with {result.config.method} -> {out_dir}",
              "inputs: " + ", ".join(f"{a.path.name} x {w:g}" for a, w in zip(result.inputs, result.weights)), "",
-             _table(rows, ["projection", "modules", "input ranks", "rank", "max error"]), "",
+             _table(rows, ["projection", "modules", "input ranks", "rank", "max error"], right=(1, 2, 3, 4)), "",
              f"overall relative error {result.overall_error:.2e} (max module {result.max_error:.2e}); "
              f"{_size((out_dir / WEIGHTS_FILE).stat().st_size)}; "
              f"{result.seconds:.1f} s combining + {write_seconds:.1f} s writing"]
