@@ -27,7 +27,7 @@ from lorad.v1 import lorad_pb2, lorad_pb2_grpc
 
 from lorad.server.config import ServerConfig
 from lorad.server.engine import Engine
-from lorad.server.grpc_service import GeneratorService
+from lorad.server.grpc_service import GeneratorService, RequestParseGuard
 from lorad.server.metrics import Metrics
 from lorad.server.model_thread import ModelThread
 from lorad.server.readiness import Readiness
@@ -44,7 +44,7 @@ class LoradServer:
         self._preloaded = base
         self.metrics = Metrics()
         self.readiness = Readiness()
-        self.service = GeneratorService(config.base.name)
+        self.service = GeneratorService(config.base.name, config.max_unsent_chunks)
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.engine: Engine | None = None
@@ -56,7 +56,10 @@ class LoradServer:
     async def start(self) -> int:
         """Bind, load the base, start the engine; returns the bound gRPC port."""
         cfg = self.config
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(
+            interceptors=[RequestParseGuard(on_refused=self._count_unparsed)],
+            options=[("grpc.max_receive_message_length", cfg.max_request_bytes)],
+        )
         lorad_pb2_grpc.add_GeneratorServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -110,6 +113,10 @@ class LoradServer:
             cfg.engine.max_loras, cfg.engine.max_lora_rank,
         )
         return self.port
+
+    def _count_unparsed(self, method: str) -> None:
+        if method.startswith(f"/{SERVICE_NAME}/"):
+            self.metrics.request_failed("invalid_argument")
 
     async def _sync_health(self) -> None:
         """gRPC health follows readiness (after a graceful shutdown began, set() is a no-op)."""
