@@ -38,6 +38,7 @@ CONFIG = {
     "base_model": "smollm2-135m-instruct",
     "adapter": "qlora",
     "sequence_len": 64,
+    "sample_packing": False,  # one sample per row: the step arithmetic below counts rows
     "lora_r": 4,
     "lora_alpha": 8,
     "lora_dropout": 0.1,
@@ -94,7 +95,7 @@ def uninterrupted(workdir) -> Path:
     return workdir / "straight"
 
 
-TIMINGS = ("tokens_per_s", "step_time_s", "elapsed_s")
+TIMINGS = ("tokens_per_s", "step_time_s", "elapsed_s", "peak_rss_mib", "peak_allocated_mib", "peak_reserved_mib")  # measured, not computed
 
 
 def assert_same_run(a: Path, b: Path) -> None:

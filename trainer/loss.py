@@ -29,10 +29,12 @@ CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in float32
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk):
-        # hidden: [N, H]; weight: [V, H] (no grad); targets: [N] int64, all valid
-        need_grad = ctx.needs_input_grad[0]
+        # hidden: [N, H]; weight: [V, H]; targets: [N] int64, all valid
+        need_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if need_grad else None  # [N, H]
+        # [V, H] float32: only when the head trains (modules_to_save: [lm_head])
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
         rows = torch.arange(min(chunk, hidden.shape[0]), device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk]  # [C, H]
@@ -40,18 +42,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = (h @ weight.t()).float()  # [C, V]; under autocast the matmul runs in bf16
             lse = torch.logsumexp(logits, dim=-1)  # [C]
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if need_grad:
+            if need_grad or need_weight_grad:
                 probs = logits.sub_(lse[:, None]).exp_()  # [C, V], softmax in place
-                probs[rows[: t.shape[0]], t] -= 1.0
-                grad[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)  # [C, H]
-        if need_grad:
-            ctx.save_for_backward(grad)
+                probs[rows[: t.shape[0]], t] -= 1.0  # dCE/dlogits
+                if need_grad:
+                    grad[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)  # [C, H]
+                if need_weight_grad:
+                    grad_weight += probs.t() @ h.float()  # [V, H]
+        ctx.save_for_backward(grad if need_grad else None, grad_weight)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None
+        grad, grad_weight = ctx.saved_tensors
+        grad_hidden = grad * grad_total.to(grad.dtype) if grad is not None else None
+        grad_w = grad_weight * grad_total if grad_weight is not None else None
+        return grad_hidden, grad_w, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -61,13 +67,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         sum(F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum"))
     Args:
         hidden: Shape: `[N, H]`. Hidden states of the trained positions only.
-        weight: Shape: `[V, H]`. The output head (frozen; no gradient is computed for it).
+        weight: Shape: `[V, H]`. The output head; frozen normally, trainable when it is in
+            lora_modules_to_save (its float32 gradient [V, H] is then accumulated chunk by chunk).
         targets: Shape: `[N]`. Token ids, no ignore index.
     Returns:
-        A float32 scalar; its gradient flows to `hidden` only.
+        A float32 scalar; its gradient flows to `hidden` (and to `weight` when it requires grad).
     """
     assert hidden.dim() == 2 and targets.shape == hidden.shape[:1], (hidden.shape, targets.shape)
-    assert not weight.requires_grad, "the output head must be frozen: its gradient is not computed"
     chunk = max(16, CHUNK_ELEMENTS // weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
 

@@ -36,8 +36,12 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def write_adapter(peft_model, output_dir: Path, base_name: str, provenance: dict) -> Path:
-    """Save the active adapter of `peft_model` into output_dir (PEFT format) with provenance."""
+def write_adapter(peft_model, output_dir: Path, base_name: str, provenance: dict,
+                  initial_adapter: Path | None = None) -> Path:
+    """Save the active adapter of `peft_model` into output_dir (PEFT format) with provenance.
+
+    initial_adapter: for PiSSA / OLoRA runs, the adapter as initialised; PEFT then writes the
+    difference A B - A0 B0 as a standard LoRA (rank 2r) that applies to the original base."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=output_dir))
@@ -46,7 +50,10 @@ def write_adapter(peft_model, output_dir: Path, base_name: str, provenance: dict
         saved_name = config.base_model_name_or_path
         config.base_model_name_or_path = base_name
         try:
-            peft_model.save_pretrained(str(staging), safe_serialization=True, save_embedding_layers=False)
+            peft_model.save_pretrained(
+                str(staging), safe_serialization=True, save_embedding_layers=False,
+                **({"path_initial_model_for_weight_conversion": str(initial_adapter)} if initial_adapter else {}),
+            )
         finally:
             config.base_model_name_or_path = saved_name
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=False) + "\n")
@@ -77,6 +84,8 @@ def build_provenance(
     world_size: int,
     precision: str,
     trainable_parameters: int,
+    peak_memory: dict | None = None,
+    parent: dict | None = None,
 ) -> dict:
     return {
         "format": "lorad-provenance/1",
@@ -94,6 +103,8 @@ def build_provenance(
             "world_size": world_size,
             "precision": precision,
             "trainable_parameters": trainable_parameters,
+            "peak_memory": peak_memory,  # rank 0's highest reading (trainer/device_memory.py)
         },
+        "parent": parent,  # the adapter the run started from (lora_model_dir or --init-from), if any
         "versions": package_versions(),
     }
