@@ -218,18 +218,30 @@ def _norm_targets(t) -> object:
     return t if isinstance(t, str) else sorted(t or [])
 
 
-def load_starting_weights(peft_model, start: StartingAdapter) -> None:
-    """Copy the adapter's tensors into the freshly built PEFT model; every tensor must land."""
+def load_adapter_weights(peft_model, folder: Path, what: str) -> None:
+    """Copy a saved adapter's tensors into the freshly built PEFT model; every tensor must land."""
     from peft.utils import load_peft_weights, set_peft_model_state_dict
 
-    weights = load_peft_weights(str(start.path), device="cpu")
+    weights = load_peft_weights(str(folder), device="cpu")
     result = set_peft_model_state_dict(peft_model, weights, adapter_name="default")
     missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
     if result.unexpected_keys or missing:
         raise ConfigError(
-            f"{start.kind}: the adapter in {start.path} does not fit the model it was loaded into "
+            f"{what}: the adapter in {folder} does not fit the model it was loaded into "
             f"(unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}); was it trained on another base?"
         )
+
+
+def trainable_state(model) -> dict:
+    """The trainable tensors, whole and on the CPU. Under FSDP every rank holds shards (DTensors),
+    gathered here: a collective, so every rank must call it."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 # ---- LoftQ on the served NF4 base --------------------------------------------------------------

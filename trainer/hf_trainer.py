@@ -12,12 +12,15 @@ optimizer/scheduler/RNG/data position) is transformers' and accelerate's own cod
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
 from transformers import Trainer
+from transformers.trainer import SCHEDULER_NAME
 
 from lorad.errors import LoradError
+from lorad.trainer.fsdp import enable_fsdp_on_cpu
 from lorad.trainer.loss import HiddenStateTap, token_loss_sum
 from lorad.trainer.packing import EpochShuffleSampler
 from lorad.trainer.progress import Stopwatch
@@ -27,7 +30,8 @@ from lorad.trainer.progress import Stopwatch
 # left to fail mid-run. Keep equal to the floor in pyproject.toml.
 MIN_TRANSFORMERS = "5.23.0"
 OVERRIDDEN = ("_get_train_sampler", "_run_epoch", "_get_num_items_in_batch", "_inner_training_loop",
-              "_save_checkpoint", "_save_optimizer_and_scheduler", "_save_scaler", "_save_rng_state")
+              "_save_checkpoint", "_save_optimizer_and_scheduler", "_save_scaler", "_save_rng_state",
+              "_load_from_checkpoint", "create_accelerator_and_postprocess")
 
 
 def check_transformers() -> None:
@@ -155,3 +159,25 @@ class LoradTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         self.save_checkpoint_fn()
+
+    # ---- FSDP ---------------------------------------------------------------------------------
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        enable_fsdp_on_cpu(self)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under FSDP the Trainer would also write the whole (frozen) model; the recipe writes the
+        LoRA tensors, so only the optimizer (gathered) and the schedule are saved here."""
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from accelerate.utils import save_fsdp_optimizer
+
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.is_fsdp_enabled:
+            return  # the recipe loaded the LoRA tensors before FSDP sharded the model
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)

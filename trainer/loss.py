@@ -8,8 +8,9 @@ so gradient accumulation and data parallelism give the gradient of one big batch
 per-micro-batch means (the bug fixed in transformers PR #34191; axolotl#1100).
 
 The output head only sees trained positions. The model is run with `logits_to_keep` set to an
-empty index, so it computes no logits; a forward hook on the final norm keeps the hidden states,
-and `linear_cross_entropy` applies the (frozen) head chunk by chunk:
+empty index, so it computes no logits; a forward hook on the final norm takes the hidden states
+of the trained positions and `linear_cross_entropy` applies the (frozen) head chunk by chunk,
+inside the model's forward (HiddenStateTap says why):
 
     CE = logsumexp(h W^T) - (h W^T)[target]     h: [N, H], W: [V, H]
     dCE/dh = (softmax(h W^T) - onehot(target)) W
@@ -79,14 +80,34 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 class HiddenStateTap:
-    """Keeps the output of a module (the final norm) from the last forward pass."""
+    """A forward hook on the final norm: keeps its output, or, when a loss is armed, computes the
+    loss from it right there.
+
+    Computing the loss inside the model's forward matters under FSDP: the (frozen) output head
+    belongs to the root FSDP unit, whose parameters are whole only while the root's forward
+    runs; afterwards each rank holds a shard. The loss function keeps dCE/dh from its forward,
+    so its backward needs the head no more."""
 
     def __init__(self, module: torch.nn.Module):
         self.hidden: torch.Tensor | None = None
+        self._armed: tuple[torch.Tensor, torch.nn.Module] | None = None
         self._handle = module.register_forward_hook(self._keep)
 
     def _keep(self, module, args, output):
-        self.hidden = output
+        if self._armed is None:
+            self.hidden = output
+            return
+        targets, head = self._armed
+        self._armed = None
+        keep = targets != -100  # [B, T]
+        if not keep.any():
+            self.hidden = output.sum() * 0.0  # keeps the graph connected (DDP expects every parameter's grad)
+        else:
+            self.hidden = linear_cross_entropy(output[keep], head.weight, targets[keep])
+
+    def arm(self, targets: torch.Tensor, head: torch.nn.Module) -> None:
+        """The next forward computes the summed CE of its hidden states against `targets`."""
+        self._armed = (targets, head)
 
     def take(self) -> torch.Tensor:
         hidden, self.hidden = self.hidden, None
@@ -112,7 +133,8 @@ def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def forward_hidden(model, tap: HiddenStateTap, batch: dict) -> torch.Tensor:
-    """Run the model on a collated batch; returns the final-norm hidden states [B, T, H].
+    """Run the model on a collated batch; returns the final-norm hidden states [B, T, H] (or the
+    loss, when the tap was armed).
 
     batch: input_ids [B, T], position_ids [B, T], attention_mask [B, T] (unpacked batches only).
     use_cache=False matters beyond memory: with a cache object transformers does not derive the
@@ -130,11 +152,10 @@ def token_loss_sum(model, tap: HiddenStateTap, head: torch.nn.Module, batch: dic
     """Forward one batch; returns (summed CE over its trained tokens, their count).
 
     batch: as for forward_hidden, plus targets [B, T] (shifted labels, -100 where no loss).
+    The loss is computed by the tap inside the forward (see HiddenStateTap).
     """
-    hidden = forward_hidden(model, tap, batch)  # [B, T, H]
     targets = batch["targets"]  # [B, T]
-    keep = targets != -100  # [B, T]
-    count = int(keep.sum())
-    if count == 0:
-        return hidden.sum() * 0.0, 0  # keeps the graph connected (DDP expects every parameter's grad)
-    return linear_cross_entropy(hidden[keep], head.weight, targets[keep]), count
+    count = int((targets != -100).sum())
+    tap.arm(targets, head)
+    loss = forward_hidden(model, tap, batch)  # a scalar: the tap computed the loss
+    return loss, count

@@ -37,11 +37,12 @@ def package_versions() -> dict[str, str]:
 
 
 def write_adapter(peft_model, output_dir: Path, base_name: str, provenance: dict,
-                  initial_adapter: Path | None = None) -> Path:
+                  initial_adapter: Path | None = None, state_dict: dict | None = None) -> Path:
     """Save the active adapter of `peft_model` into output_dir (PEFT format) with provenance.
 
     initial_adapter: for PiSSA / OLoRA runs, the adapter as initialised; PEFT then writes the
-    difference A B - A0 B0 as a standard LoRA (rank 2r) that applies to the original base."""
+    difference A B - A0 B0 as a standard LoRA (rank 2r) that applies to the original base.
+    state_dict: the trainable tensors when the model's own are shards (FSDP)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=output_dir))
@@ -53,6 +54,7 @@ def write_adapter(peft_model, output_dir: Path, base_name: str, provenance: dict
             peft_model.save_pretrained(
                 str(staging), safe_serialization=True, save_embedding_layers=False,
                 **({"path_initial_model_for_weight_conversion": str(initial_adapter)} if initial_adapter else {}),
+                **({"state_dict": state_dict} if state_dict is not None else {}),
             )
         finally:
             config.base_model_name_or_path = saved_name

@@ -171,6 +171,7 @@ class QLoRARecipe:
         self.device = resolve_device(self.cfg.device)
         self.precision: Precision = resolve_precision(self.cfg, self.device.type)
         check_attention(self.cfg, self.device.type, self.precision)
+        fsdp_arguments(self.cfg, self.device.type, self.world_size)  # refuses what cannot run before any loading
         adapter_cfg = Path(self.cfg.base_model) / "adapter_config.json"
         if adapter_cfg.is_file():
             raise ConfigError(
@@ -216,7 +217,10 @@ class QLoRARecipe:
             self.precision.compute_dtype_name
         ]
         base_cfg = BaseModelConfig(name=self.cfg.base_model, quant=self.cfg.quant, device=self.device.type)
-        self.base = load_base(base_cfg, for_training=True, compute_dtype=dtype, cache_quantized=True)
+        # QLoRA + FSDP: NF4 packed into the compute dtype, so FSDP shards it with the rest (trainer/fsdp.py)
+        storage = dtype if self.cfg.fsdp and self.cfg.quant == "nf4" else None
+        self.base = load_base(base_cfg, for_training=True, compute_dtype=dtype, cache_quantized=True,
+                              quant_storage=storage)
         self.base_digest = weights_digest(self.base.resolved)
         if self.start is not None and self.start.parent_fingerprint is not None:
             parent_base = self.start.parent_fingerprint.get("base_digest")
@@ -247,7 +251,7 @@ class QLoRARecipe:
             # (no dot in the folder name: PEFT loads it under its folder name as an adapter name)
             self.initial_adapter = lora.save_initial_adapter(self.model, self.output_dir / "lorad_initial_adapter")
         if self.start is not None:
-            lora.load_starting_weights(self.model, self.start)
+            lora.load_adapter_weights(self.model, self.start.path, self.start.kind)
         self.fast_layers = 0
         if os.environ.get("LORAD_TRAIN_PEFT_FORWARD") != "1":  # diagnostic switch: PEFT's own forward
             self.fast_layers = use_fast_lora(self.model, keep_dequantized=self.cfg.gradient_checkpointing)
@@ -431,7 +435,7 @@ class QLoRARecipe:
             fp16=self.precision.fp16,
             # the one place tf32 is set (TrainingArguments turns it on for CUDA matmuls and cuDNN)
             tf32=self.precision.tf32 if self.device.type == "cuda" else None,
-            **fsdp_arguments(cfg, self.device.type, self.world_size),
+            **fsdp_arguments(cfg, self.device.type, self.world_size, type(self.base.model.model.layers[0]).__name__),
             logging_steps=cfg.logging_steps,
             logging_nan_inf_filter=False,  # a NaN loss must show, not be replaced by an average
             save_strategy="steps",
@@ -480,6 +484,9 @@ class QLoRARecipe:
         self.stop.install()
         try:
             resume_path = str(self.resume_checkpoint.path) if self.resume_checkpoint else None
+            if resume_path and self.trainer.is_fsdp_enabled:
+                # before FSDP shards the model; the Trainer then restores optimizer, schedule and RNG
+                lora.load_adapter_weights(self.model, self.resume_checkpoint.path, "--resume")
             self.trainer.train(resume_from_checkpoint=resume_path)
         finally:
             self.stop.uninstall()
@@ -490,10 +497,11 @@ class QLoRARecipe:
         step = self.trainer.state.global_step
         finished = self.stop.stopped_at is None
         latest = ck.latest_checkpoint(self.output_dir)
+        state = lora.trainable_state(self.model) if finished and self.trainer.is_fsdp_enabled else None  # all ranks
         if self.is_main:
             plot_loss_curve(self.output_dir)
             if finished:
-                self.save_adapter(train_loss, eval_loss)
+                self.save_adapter(train_loss, eval_loss, state)
                 self.echo(
                     f"done: adapter -> {self.output_dir} (step {step}, train loss {_fmt(train_loss)}, "
                     f"eval loss {_fmt(eval_loss)}); serve it with: lorad serve --adapters {self.output_dir.parent}"
@@ -520,7 +528,13 @@ class QLoRARecipe:
                 ck.remove_checkpoint(staging)
             staging.mkdir(parents=True)
         self._barrier()
-        t.save_model(str(staging), _internal_call=True)  # adapter (main process)
+        if t.is_fsdp_enabled:  # gathered on every rank, written by the main one (PEFT's format, whole tensors)
+            state = lora.trainable_state(self.model)
+            if self.is_main:
+                self.model.save_pretrained(str(staging), state_dict=state, safe_serialization=True,
+                                           save_embedding_layers=False)
+        else:
+            t.save_model(str(staging), _internal_call=True)  # adapter (main process)
         t._save_optimizer_and_scheduler(str(staging))
         t._save_scaler(str(staging))
         t._save_rng_state(str(staging))  # every rank writes its own
@@ -539,7 +553,7 @@ class QLoRARecipe:
                 log.info("removed old checkpoint %s (save_total_limit=%s)", path, self.cfg.save_total_limit)
         self._barrier()
 
-    def save_adapter(self, train_loss: float | None, eval_loss: float | None) -> Path:
+    def save_adapter(self, train_loss: float | None, eval_loss: float | None, state: dict | None = None) -> Path:
         resolved = self.base.resolved
         provenance = build_provenance(
             base={
@@ -569,7 +583,7 @@ class QLoRARecipe:
             parent=self.start.provenance() if self.start is not None else None,
         )
         written = write_adapter(self.model, self.output_dir, resolved.display_name, provenance,
-                                initial_adapter=self.initial_adapter)
+                                initial_adapter=self.initial_adapter, state_dict=state)
         if self.initial_adapter is not None:
             shutil.rmtree(self.initial_adapter, ignore_errors=True)
         return written
