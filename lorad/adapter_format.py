@@ -11,7 +11,9 @@ Validation happens in two stages:
   * `load_adapter` also reads the tensors and rejects NaN / Inf.
 
 Scaling follows PEFT: lora_alpha / r, or lora_alpha / sqrt(r) with `use_rslora`, with
-per-module `rank_pattern` / `alpha_pattern` overrides.
+per-module `rank_pattern` / `alpha_pattern` overrides. DoRA adapters (`use_dora`) carry a
+magnitude vector per module, which the server turns into a per-output-row scale (see
+lorad.server.lora_slots).
 """
 
 from __future__ import annotations
@@ -32,10 +34,16 @@ PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 # Adapter ids are names, never paths: a letter or digit, then letters, digits, '.', '_', '-'.
 ADAPTER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
-# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (PEFT's saved names)
+# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (PEFT's saved names); group 3 is
+# A or B; group 4 matches DoRA's ...q_proj.lora_magnitude_vector instead
 _TENSOR_NAME = re.compile(
-    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
+    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\."
+    r"(?:lora_([AB])(?:\.[\w-]+)?\.weight|lora_(m)agnitude_vector(?:\.[\w-]+)?(?:\.weight)?)$"
 )
+
+
+def _half(m: re.Match) -> str:
+    return m.group(3) or "M"  # "A", "B" or "M" (the magnitude)
 
 
 def validate_adapter_id(adapter_id: str) -> None:
@@ -66,6 +74,7 @@ class AdapterSpec:
     modules: dict[tuple[int, str], ModuleSpec]
     size_bytes: int
     config: dict = field(repr=False)
+    use_dora: bool = False  # every module has a magnitude vector (LoadedAdapter.magnitudes)
 
 
 @dataclass
@@ -74,6 +83,8 @@ class LoadedAdapter:
     # (layer, proj) -> (A [r, in], B [out, r]) as PEFT stores them, in the file's dtype, on the host
     weights: dict[tuple[int, str], tuple["object", "object"]] = field(repr=False)
     load_seconds: float = 0.0
+    # DoRA: (layer, proj) -> magnitude [out]; empty for plain LoRA
+    magnitudes: dict[tuple[int, str], "object"] = field(default_factory=dict, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -102,7 +113,6 @@ def _read_config(path: Path, adapter_id: str) -> dict:
     if peft_type != "LORA":
         raise InvalidAdapterError(f"adapter {adapter_id!r}: peft_type {peft_type} is not supported (only LORA)")
     unsupported = {
-        "use_dora": "DoRA adapters",
         "fan_in_fan_out": "fan_in_fan_out (Conv1D) adapters",
     }
     for key, what in unsupported.items():
@@ -155,7 +165,7 @@ def inspect_adapter(
                 f"adapter {adapter_id!r}: tensor {name!r} does not map to a LoRA A/B matrix of a Llama projection "
                 f"({', '.join(PROJECTIONS)})"
             )
-        layer, proj, half = int(m.group(1)), m.group(2), m.group(3)
+        layer, proj, half = int(m.group(1)), m.group(2), _half(m)
         if proj not in PROJECTIONS:
             raise InvalidAdapterError(f"adapter {adapter_id!r}: tensor {name!r} targets {proj!r}, not one of {', '.join(PROJECTIONS)}")
         if layer >= geometry.num_layers:
@@ -166,13 +176,24 @@ def inspect_adapter(
 
     if not halves:
         raise InvalidAdapterError(f"adapter {adapter_id!r}: no LoRA tensor matches a module of the base")
+    use_dora = bool(config.get("use_dora", False))
     modules: dict[tuple[int, str], ModuleSpec] = {}
     for (layer, proj), pair in sorted(halves.items()):
         where = f"layers.{layer}.{proj}"
+        magnitude = pair.pop("M", None)
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
             raise InvalidAdapterError(f"adapter {adapter_id!r}: {where} has no {missing} tensor")
         in_f, out_f = geometry.projection_shape(proj)
+        if use_dora and magnitude is None:
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: DoRA (use_dora=true) needs a lora_magnitude_vector for "
+                                      f"{where}; the file has none")
+        if not use_dora and magnitude is not None:
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: {where} has a DoRA magnitude vector but "
+                                      "adapter_config.json does not set use_dora")
+        if magnitude is not None and tuple(magnitude) != (out_f,):
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: {where} has a magnitude vector of shape "
+                                      f"{list(magnitude)}; the base needs [{out_f}]")
         a_shape, b_shape = pair["A"], pair["B"]
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != in_f or b_shape[0] != out_f or a_shape[0] != b_shape[1]:
             raise InvalidAdapterError(
@@ -204,6 +225,7 @@ def inspect_adapter(
         modules=modules,
         size_bytes=weights_path.stat().st_size,
         config=config,
+        use_dora=use_dora,
     )
 
 
@@ -219,10 +241,13 @@ def load_adapter(path: Path, adapter_id: str, geometry: ModelGeometry, max_rank:
     for name, tensor in tensors.items():
         m = _TENSOR_NAME.match(name)
         assert m is not None, name  # inspect_adapter accepted every name
-        grouped.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
+        grouped.setdefault((int(m.group(1)), m.group(2)), {})[_half(m)] = tensor
     weights = {key: (pair.get("A"), pair.get("B")) for key, pair in grouped.items()}
+    magnitudes = {key: pair["M"] for key, pair in grouped.items() if "M" in pair}
     _check_matches_spec(weights, spec, geometry)
-    return LoadedAdapter(spec=spec, weights=weights)
+    if spec.use_dora and set(magnitudes) != set(spec.modules):
+        raise InvalidAdapterError(f"adapter {spec.adapter_id!r}: {WEIGHTS_FILE} changed while it was being read; retry")
+    return LoadedAdapter(spec=spec, weights=weights, magnitudes=magnitudes)
 
 
 def _check_matches_spec(weights: dict, spec: AdapterSpec, geometry: ModelGeometry) -> None:

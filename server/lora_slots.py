@@ -4,8 +4,10 @@ For every (layer, projection) the pool preallocates
     a:     [S, R, H_in]   lora_A of each slot, rank-padded with zeros
     b:     [S, R, H_out]  lora_B of each slot, transposed (see lorad.kernels.lora_expand)
     scale: [S]            float32 lora_alpha / r (or / sqrt(r) for rsLoRA)
+    dora:  [S, H_out]     float32 DoRA row scale m / ||W + scale B A||_row; ones for plain LoRA
 where S = max_loras and R = max_lora_rank. Loading an adapter zeroes its slot and copies the
-adapter in; nothing is allocated after start-up.
+adapter in; nothing is allocated after start-up. The DoRA row scale needs the base weight, which
+the pool does not hold: the model runner computes it (`row_scale`, set by LlamaRunner).
 
 The slot table is a small state machine: an adapter is in at most one slot; a slot in use by
 running requests (refcount > 0) is never evicted; free slots are reused least recently used
@@ -28,7 +30,9 @@ class ModuleSlots:
     a: torch.Tensor  # [S, R, H_in]
     b: torch.Tensor  # [S, R, H_out]
     scale: torch.Tensor  # [S] float32
+    dora: torch.Tensor  # [S, H_out] float32; 1.0 except in slots holding a DoRA adapter
     slots_mask: int = 0  # bit s set when slot s holds a nonzero adapter for this module
+    dora_mask: int = 0  # bit s set when slot s holds a DoRA adapter for this module
     _views: dict = field(default_factory=dict, repr=False)
 
     def rank_slice(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +62,7 @@ class LoRASlotPool:
                     a=torch.zeros(num_slots, max_rank, in_f, dtype=dtype, device=device),
                     b=torch.zeros(num_slots, max_rank, out_f, dtype=dtype, device=device),
                     scale=torch.zeros(num_slots, dtype=torch.float32, device=device),
+                    dora=torch.ones(num_slots, out_f, dtype=torch.float32, device=device),
                 )
             self.layers.append(modules)
         self.slot_of: dict[str, int] = {}
@@ -66,13 +71,16 @@ class LoRASlotPool:
         self.slot_rank = [0] * num_slots
         # slots with refcount 0, least recently released first; empty slots are always first
         self._idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(num_slots))
+        # (layer, proj, lora_a [r, H_in], lora_b [H_out, r], scale, magnitude [H_out]) -> [H_out] float32
+        # DoRA's row scale; set by the model runner, which holds the base weights
+        self.row_scale = None
 
     # --- accounting -----------------------------------------------------------------------
 
     @property
     def nbytes(self) -> int:
         return sum(
-            m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() + m.scale.numel() * 4
+            m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() + (m.scale.numel() + m.dora.numel()) * 4
             for layer in self.layers
             for m in layer.values()
         )
@@ -149,6 +157,9 @@ class LoRASlotPool:
                     m.b[slot].zero_()
                     m.scale[slot] = 0.0
                     m.slots_mask &= ~bit
+                if m.dora_mask & bit:
+                    m.dora[slot].fill_(1.0)
+                    m.dora_mask &= ~bit
         self.slot_rank[slot] = 0
 
     def _write(self, slot: int, adapter: LoadedAdapter) -> None:
@@ -161,4 +172,9 @@ class LoRASlotPool:
             m.b[slot, :r].copy_(lora_b.t())  # [H_out, r] -> [r, H_out]
             m.scale[slot] = adapter.spec.modules[(layer, proj)].scale
             m.slots_mask |= bit
+            magnitude = adapter.magnitudes.get((layer, proj))
+            if magnitude is not None:
+                assert self.row_scale is not None, "DoRA needs the model runner's row_scale"
+                m.dora[slot].copy_(self.row_scale(layer, proj, lora_a, lora_b, float(m.scale[slot]), magnitude))
+                m.dora_mask |= bit
         self.slot_rank[slot] = adapter.spec.rank

@@ -22,11 +22,36 @@ import torch
 import torch.nn.functional as F
 
 from lorad.geometry import ATTENTION_PROJECTIONS, PROJECTIONS, ModelGeometry
-from lorad.kernels import LoRABatchMeta, add_lora, resolve_backend
+from lorad.kernels import LoRABatchMeta, add_lora, lora_expand_dora, lora_shrink, resolve_backend
 
 from lorad.server.kv_cache import KVCache
 from lorad.server.lora_slots import LoRASlotPool
 from lorad.server.nf4_cpu import wrap_linear
+
+
+def _weight_row_sq(proj, dtype: torch.dtype) -> torch.Tensor:
+    """||W_row||^2 [H_out] float32 of a projection as it is served.
+
+    An NF4 weight repacked for bitsandbytes' fused CPU kernel (lorad.server.nf4_cpu) can only be
+    read through that kernel: W^T is then the projection of the identity, in blocks of rows (the
+    identity is exact in bf16, and the kernel accumulates in fp32)."""
+    module = getattr(proj, "module", proj)  # FastNF4Linear wraps the Linear4bit
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return weight.float().square().sum(1)
+    if not getattr(state, "packing_format_for_cpu", False):
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, state).float().square().sum(1)
+    in_f = module.in_features
+    total = torch.zeros(module.out_features, dtype=torch.float32, device=weight.device)
+    for start in range(0, in_f, 512):
+        n = min(512, in_f - start)
+        eye = torch.zeros(n, in_f, dtype=dtype, device=weight.device)  # [n, H_in]: rows start .. start + n of I
+        eye[torch.arange(n), torch.arange(start, start + n)] = 1
+        total += proj(eye).float().square().sum(0)  # [H_out]: rows of W^T, squared and summed
+    return total
 
 
 @dataclass
@@ -81,6 +106,8 @@ class LlamaRunner:
                     mlp.act_fn,
                 )
             )
+        self._weight_row_sq: dict[tuple[int, str], torch.Tensor] = {}  # ||W_row||^2 for DoRA, computed on first use
+        pool.row_scale = self.dora_row_scale
         self.dtype = self.embed.weight.dtype if self.embed.weight.is_floating_point() else torch.float32
         self.device = kv.device
         # RoPE tables for every position the cache can hold, from the model's own rotary
@@ -98,8 +125,28 @@ class LlamaRunner:
         slots = self.pool.layers[layer][name]
         if slots.slots_mask & batch.active_slots_mask:
             a, b = slots.rank_slice(batch.lora_rank)  # [S, r, H_in], [S, r, H_out]
-            add_lora(y, x, a, b, slots.scale, batch.lora_meta, backend=self.lora_backend)
+            if slots.dora_mask & batch.active_slots_mask:  # DoRA: the sum is scaled per slot and output row
+                v = lora_shrink(x, a, batch.lora_meta, backend=self.lora_backend)
+                lora_expand_dora(y, v, b, slots.scale, slots.dora, batch.lora_meta, backend=self.lora_backend)
+            else:
+                add_lora(y, x, a, b, slots.scale, batch.lora_meta, backend=self.lora_backend)
         return y
+
+    def dora_row_scale(self, layer: int, name: str, lora_a, lora_b, scale: float, magnitude) -> torch.Tensor:
+        """m / ||W + scale B A||_row, float32 [H_out] (lorad.kernels.dora.dora_row_scale), from
+        ||W_row||^2 kept at start-up and W A^T taken through the served projection itself, so no
+        dequantized copy of the base is needed:
+            ||W + s B A||^2_row = ||W||^2_row + 2 s rowsum(B * (W A^T)) + s^2 rowsum((B A A^T) * B)"""
+        a = lora_a.to(self.device, torch.float32)  # [r, H_in]
+        b = lora_b.to(self.device, torch.float32)  # [H_out, r]
+        proj = self.layers[layer][2][name]
+        with torch.inference_mode():
+            wa = proj(a.to(self.kv.dtype)).float().t()  # [H_out, r] = W A^T
+            row_sq = self._weight_row_sq.get((layer, name))
+            if row_sq is None:
+                row_sq = self._weight_row_sq[(layer, name)] = _weight_row_sq(proj, self.kv.dtype)
+        norm_sq = row_sq + 2 * scale * (b * wa).sum(1) + scale**2 * ((b @ (a @ a.t())) * b).sum(1)
+        return (magnitude.to(self.device, torch.float32) / norm_sq.clamp(min=0).sqrt()).contiguous()
 
     # --- attention ----------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """The top-level correctness test: one mixed batch equals each adapter served alone by PEFT.
 
-Real SmolLM2-135M-Instruct, three adapters created and saved by PEFT itself with
-init_lora_weights=False (ranks 8, 16 and 4; all projections, attention only, MLP only), mixed
-with base-only rows in ONE engine batch. Each row is compared with PEFT serving that adapter
+Real SmolLM2-135M-Instruct, five adapters created and saved by PEFT itself with
+init_lora_weights=False (ranks 8, 16 and 4; all projections, attention only, MLP only; a DoRA
+adapter whose magnitudes are perturbed so its row scale is not 1; an rsLoRA adapter, scale
+alpha / sqrt(r)), mixed with base-only rows in ONE engine batch. Each row is compared with PEFT serving that adapter
 alone (a batch of one, no padding):
 
 * float32 base: the same greedy tokens, and every generated token's log-probability within
@@ -33,12 +34,16 @@ pytestmark = pytest.mark.slow
 NEW_TOKENS = 16
 FP32_LOGPROB_TOL = 1e-3
 NF4_LOGPROB_ATOL = 0.05
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {
-    # id: (rank, alpha, targets, scale applied to PEFT's random lora_B)
-    "r8-all": (8, 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 0.3),
-    "r16-attn": (16, 16, ["q_proj", "k_proj", "v_proj", "o_proj"], 0.5),
-    "r4-mlp": (4, 8, ["gate_proj", "up_proj", "down_proj"], 1.0),
+    # id: (rank, alpha, targets, scale applied to PEFT's random lora_B, other LoraConfig fields)
+    "r8-all": (8, 16, ALL, 0.3, {}),
+    "r16-attn": (16, 16, ["q_proj", "k_proj", "v_proj", "o_proj"], 0.5, {}),
+    "r4-mlp": (4, 8, ["gate_proj", "up_proj", "down_proj"], 1.0, {}),
+    "r8-dora": (8, 16, ALL, 0.3, {"use_dora": True}),
+    "r16-rslora": (16, 8, ALL, 0.3, {"use_rslora": True}),
 }
+DORA_MAGNITUDE_NOISE = 0.1  # magnitude *= 1 + 0.1 * N(0, 1): PEFT's init makes the row scale exactly 1
 QUESTIONS = [
     "What is the capital of France?",
     "Name three colours of the rainbow.",
@@ -48,27 +53,32 @@ QUESTIONS = [
     "Describe the moon in one sentence.",
     "What do bees make?",
     "Suggest a name for a pet goldfish.",
+    "What colour is the sky on a clear day?",
+    "How many legs does a spider have?",
 ]
-BATCH = [None, "r8-all", "r16-attn", "r4-mlp", "r8-all", None, "r4-mlp", "r16-attn"]
+BATCH = [None, "r8-all", "r16-attn", "r4-mlp", "r8-dora", None, "r4-mlp", "r16-rslora", "r8-dora", "r16-attn"]
 
 
 @pytest.fixture(scope="module")
 def adapters_dir(smollm_base_fp32, tmp_path_factory):
-    """Three adapters made and saved by PEFT with its own random init (B scaled to keep text readable)."""
+    """The adapters, made and saved by PEFT with its own random init (B scaled to keep text readable)."""
     from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("oracle-adapters")
-    for i, (name, (rank, alpha, targets, b_scale)) in enumerate(ADAPTERS.items()):
+    for i, (name, (rank, alpha, targets, b_scale, extra)) in enumerate(ADAPTERS.items()):
         torch.manual_seed(100 + i)
         peft_model = get_peft_model(
             smollm_base_fp32.model,
-            LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False),
+            LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **extra),
         )
         try:
             with torch.no_grad():
                 for module in peft_model.modules():
                     if hasattr(module, "lora_B") and "default" in module.lora_B:
                         module.lora_B["default"].weight.mul_(b_scale)
+                    if "default" in getattr(module, "lora_magnitude_vector", {}):
+                        magnitude = module.lora_magnitude_vector["default"].weight
+                        magnitude.mul_(1 + DORA_MAGNITUDE_NOISE * torch.randn_like(magnitude))
             peft_model.save_pretrained(root / name)
         finally:
             peft_model.unload()  # leaves the shared base without LoRA layers

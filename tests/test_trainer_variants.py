@@ -154,3 +154,20 @@ def test_loftq_starts_closer_to_the_unquantized_base(tmp_path):
         recipe.cleanup()
     assert errors[True] == pytest.approx(1.0)  # B = 0: the whole quantization error remains
     assert errors["loftq"] < 0.8, errors  # rank 16 of 64 removes a good part of it
+
+
+def test_schedule_optimizer_and_attention_settings_reach_the_run(tmp_path):
+    """transformers' scheduler and optimizer names, their arguments, and the attention kernel, as
+    the run uses them (not only as the config accepts them)."""
+    recipe = run(tmp_path, "out", max_steps=6, lr_scheduler="cosine_with_min_lr",
+                 lr_scheduler_kwargs={"min_lr_rate": 0.5}, warmup_steps=1, optimizer="adamw_torch",
+                 adam_beta1=0.5, adam_beta2=0.9, adam_epsilon=1e-6, max_grad_norm=0.3, attn_implementation="eager")
+    group = recipe.trainer.optimizer.param_groups[0]
+    assert group["betas"] == (0.5, 0.9) and group["eps"] == 1e-6
+    rates = [h["learning_rate"] for h in recipe.trainer.state.log_history if "learning_rate" in h]
+    # one warmup step from 0, then cosine down to the floor of half the peak
+    assert rates[0] == 0 and rates[1] == pytest.approx(0.01) and min(rates[1:]) >= 0.005 - 1e-9
+    assert rates[-1] < rates[2] < rates[1]
+    grad_norms = [h["grad_norm"] for h in recipe.trainer.state.log_history if "grad_norm" in h]
+    assert all(g > 0 for g in grad_norms)
+    assert recipe.base.model.config._attn_implementation == "eager"

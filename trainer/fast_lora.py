@@ -65,7 +65,7 @@ class _LoRAProjection(torch.autograd.Function):
         if p > 0:
             # dropout's 1 / (1 - p) is applied to the [N, r] product below, not to [N, in]
             keep, scale = keep_mask(xc.shape, p, xc.device)
-            xd = torch.where(keep, xc, 0)  # [N, in]
+            xd = torch.where(keep, xc, xc.new_zeros(()))  # [N, in]; a 0-d tensor is faster than a Python 0
         else:
             keep, scale, xd = None, 1.0, xc
         a, b = lora_a.to(c), lora_b.to(c)
@@ -90,7 +90,7 @@ class _LoRAProjection(torch.autograd.Function):
                 weight = dequantized_weight(ctx.base, ctx.c)
             grad_lora = gu @ a  # [N, in]; dropout's scale is already in gu
             if keep is not None:
-                grad_lora = torch.where(keep, grad_lora, 0)
+                grad_lora = torch.where(keep, grad_lora, grad_lora.new_zeros(()))
             if ctx.x_dtype == ctx.c:
                 grad_x = torch.addmm(grad_lora, g, weight)  # [N, in]
             else:  # sum the two branches in x's (wider) dtype, as autograd does for PEFT's two casts of x
