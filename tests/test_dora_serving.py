@@ -87,3 +87,23 @@ def test_dora_slot_fills_and_clears(tiny_base, tiny_geometry, tmp_path):
     pool.release(slot)
     assert pool.evict("dora")
     assert v.dora_mask == 0 and torch.equal(v.dora, torch.ones_like(v.dora))
+
+
+def test_bitsandbytes_dequantize_is_wrong_after_its_cpu_repack_and_the_runner_is_not(tiny_base, tiny_geometry):
+    """Why the runner reads ||W|| through the served projection: once bitsandbytes has repacked an
+    NF4 weight for its fused CPU kernel, dequantize_4bit (and PEFT's DoRA, which uses it) reads
+    the new layout as if it were the old one."""
+    import bitsandbytes.functional as bnbf
+
+    from lorad.server.model_runner import _weight_row_sq
+    from lorad.server.nf4_cpu import wrap_linear
+
+    model = quantized_copy(tiny_base.model)
+    module = model.model.layers[0].mlp.up_proj
+    before = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    served = wrap_linear(module)
+    if not getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("bitsandbytes does not repack NF4 weights on this CPU")
+    after = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    assert (after - before).abs().max() > 0.1 * before.abs().max()  # the layout changed under it
+    torch.testing.assert_close(_weight_row_sq(served, torch.float32), before.square().sum(1), rtol=2e-2, atol=1e-4)

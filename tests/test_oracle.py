@@ -20,6 +20,7 @@ alone (a batch of one, no padding):
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -127,9 +128,43 @@ def serve_mixed_batch(base, adapters_dir):
     return [(r.token_ids + ([eos] if r.finish_reason == "eos" else []), r.logprobs) for r in results], steps
 
 
+@contextlib.contextmanager
+def peft_dora_reads_served_weights():
+    """PEFT's DoRA takes ||W + s B A|| from bitsandbytes' dequantize_4bit, which returns garbage once
+    bitsandbytes has repacked a weight for its fused CPU kernel (it does so on the first eval
+    forward on AVX512-BF16 CPUs; tests/test_dora_serving.py shows it). The reference is meant to
+    be PEFT's DoRA on the weights as served, so for repacked weights it reads them through the
+    module's own forward (the projection of the identity), once per module."""
+    import peft.tuners.lora.dora as peft_dora
+
+    original = peft_dora.dequantize_module_weight
+    cache: dict[int, torch.Tensor] = {}
+
+    def served(module):
+        state = getattr(module.weight, "quant_state", None)
+        if not getattr(state, "packing_format_for_cpu", False):
+            return original(module)
+        if id(module) not in cache:
+            with torch.no_grad():
+                eye = torch.eye(module.in_features, dtype=torch.bfloat16)
+                cache[id(module)] = torch.cat([module(rows).float() for rows in eye.split(512)]).t().contiguous()
+        return cache[id(module)]
+
+    peft_dora.dequantize_module_weight = served
+    try:
+        yield
+    finally:
+        peft_dora.dequantize_module_weight = original
+
+
 def peft_alone(base, adapters_dir, engine_rows):
     """PEFT, one row at a time: greedy tokens with their incremental log-probs, the base's greedy
     tokens on the same prompt, and full teacher-forced log-probs over the engine's tokens."""
+    with peft_dora_reads_served_weights():
+        return _peft_alone(base, adapters_dir, engine_rows)
+
+
+def _peft_alone(base, adapters_dir, engine_rows):
     from peft import PeftModel
 
     names = list(ADAPTERS)

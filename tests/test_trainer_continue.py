@@ -217,3 +217,16 @@ def test_an_older_transformers_is_refused_by_name(monkeypatch):
 
 def test_adapter_weights_move_from_the_parent(parent):
     assert any(t.abs().sum() > 0 for k, t in adapter_tensors(parent).items() if "lora_B" in k)
+
+
+def test_a_forked_run_resumes_after_its_parent_is_gone(workdir, parent, tmp_path):
+    import shutil
+
+    copy = tmp_path / "checkpoint-2"
+    shutil.copytree(parent / "checkpoints" / "checkpoint-2", copy)
+    train(workdir, "fork-resume", "--init-from", str(copy), "--set", "max_steps=3", "--stop-after", "1")
+    shutil.rmtree(copy)  # the parent's files are not needed to continue the fork
+    result = train(workdir, "fork-resume", "--resume", "--set", "max_steps=3")
+    assert "done: adapter" in result.output
+    prov = json.loads((workdir / "fork-resume" / "lorad_provenance.json").read_text())
+    assert prov["parent"]["kind"] == "init_from" and prov["parent"]["path"] == str(copy)

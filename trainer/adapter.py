@@ -166,6 +166,16 @@ class StartingAdapter:
             "lora_modules_to_save": c.get("modules_to_save") or None,
         }
 
+    def state(self) -> dict:
+        """What a checkpoint records, so a resumed run rebuilds the same shape without the parent's files."""
+        return {"kind": self.kind, "path": str(self.path), "config": self.config, "sha256": self.sha256,
+                "step": self.step, "parent_fingerprint": self.parent_fingerprint}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "StartingAdapter":
+        return cls(state["kind"], Path(state["path"]), state["config"], state["sha256"], state.get("step"),
+                   state.get("parent_fingerprint"))
+
     def provenance(self) -> dict:
         out = {"kind": self.kind, "path": str(self.path), "adapter_sha256": self.sha256}
         if self.step is not None:

@@ -167,7 +167,9 @@ class QLoRARecipe:
 
     def _setup_run(self) -> None:
         from lorad.base_model import resolve_device
+        from lorad.trainer.hf_trainer import check_transformers
 
+        check_transformers()
         self.device = resolve_device(self.cfg.device)
         self.precision: Precision = resolve_precision(self.cfg, self.device.type)
         check_attention(self.cfg, self.device.type, self.precision)
@@ -198,8 +200,14 @@ class QLoRARecipe:
         self.raw_data = read_datasets(self.cfg)
 
     def _setup_start(self) -> None:
-        """lora_model_dir / --init-from: the adapter the run starts from, whose shape wins."""
-        if self.init_from is not None:
+        """lora_model_dir / --init-from: the adapter the run starts from, whose shape wins. A resumed
+        run takes it from its checkpoint (the parent's files may be gone; its weights are not
+        needed, the checkpoint's replace them)."""
+        self.load_start_weights = not self.resume
+        recorded = self.resume_checkpoint.state().get("parent") if self.resume_checkpoint else None
+        if recorded is not None:
+            self.start = lora.StartingAdapter.from_state(recorded)
+        elif self.init_from is not None:
             parent = ck.resolve_resume(self.output_dir, self.init_from, flag="--init-from")
             self.start = lora.StartingAdapter.read("init_from", parent.path, step=parent.step,
                                                    fingerprint=parent.state().get("fingerprint"))
@@ -250,7 +258,7 @@ class QLoRARecipe:
             # A0, B0 as initialised, for the conversion to a standard LoRA when the adapter is published
             # (no dot in the folder name: PEFT loads it under its folder name as an adapter name)
             self.initial_adapter = lora.save_initial_adapter(self.model, self.output_dir / "lorad_initial_adapter")
-        if self.start is not None:
+        if self.start is not None and self.load_start_weights:
             lora.load_adapter_weights(self.model, self.start.path, self.start.kind)
         self.fast_layers = 0
         if os.environ.get("LORAD_TRAIN_PEFT_FORWARD") != "1":  # diagnostic switch: PEFT's own forward
@@ -542,7 +550,8 @@ class QLoRARecipe:
             for cb in [c for c in t.callback_handler.callbacks + [t.control] if isinstance(c, ExportableState)]:
                 t.state.stateful_callbacks[cb.__class__.__name__] = cb.state()
             t.state.save_to_json(str(staging / "trainer_state.json"))
-            state = {"global_step": step, **self.data_position(step), "fingerprint": self.fingerprint()}
+            state = {"global_step": step, **self.data_position(step), "fingerprint": self.fingerprint(),
+                     "parent": self.start.state() if self.start is not None else None}
             (staging / ck.STATE_FILE).write_text(json.dumps(state, indent=1))
         self._barrier()
         if self.is_main:
