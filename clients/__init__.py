@@ -6,11 +6,14 @@
         for piece in client.stream(messages=[{"role": "user", "content": "Hi"}]):
             ...
 
-AsyncClient has the same methods for asyncio.
+AsyncClient has the same methods for asyncio. Both send the adapter id also as the gRPC metadata
+`x-lorad-adapter` (ROUTING_HEADER), the key a load balancer hashes on (lorad.clients.channel).
 """
 
 from lorad.clients.aio_client import AsyncClient
+from lorad.clients.channel import ROUTING_HEADER
 from lorad.clients.sync_client import Client
 from lorad.clients.types import AdapterInfo, AdapterList, Chunk, Completion, LoradRPCError
 
-__all__ = ["AdapterInfo", "AdapterList", "AsyncClient", "Chunk", "Client", "Completion", "LoradRPCError"]
+__all__ = ["AdapterInfo", "AdapterList", "AsyncClient", "Chunk", "Client", "Completion", "LoradRPCError",
+           "ROUTING_HEADER"]

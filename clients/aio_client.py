@@ -9,29 +9,33 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lorad.v1 import lorad_pb2, lorad_pb2_grpc
 
+from lorad.clients.channel import DEFAULT_RETRIES, channel_options, routing_metadata
 from lorad.clients.types import AdapterList, Chunk, Completion, LoradRPCError, build_request
 
 
 class AsyncClient:
     """The asyncio twin of lorad.clients.Client, with the same methods, awaited."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 300.0):
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 300.0,
+                 retries: int = DEFAULT_RETRIES):
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = grpc.aio.insecure_channel(target, options=channel_options(retries))
         self._stub = lorad_pb2_grpc.GeneratorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def generate(self, prompt: str | None = None, *, timeout: float | None = None, **fields) -> Completion:
         try:
-            reply = await self._stub.Generate(build_request(prompt, **fields), timeout=timeout or self.timeout)
+            reply = await self._stub.Generate(build_request(prompt, **fields), timeout=timeout or self.timeout,
+                                              metadata=routing_metadata(fields.get("adapter_id")))
         except grpc.RpcError as err:
             raise LoradRPCError.wrap(err) from None
         return Completion.from_proto(reply)
 
     async def stream(self, prompt: str | None = None, *, timeout: float | None = None,
                      **fields) -> AsyncIterator[Chunk | Completion]:
-        call = self._stub.GenerateStream(build_request(prompt, **fields), timeout=timeout or self.timeout)
+        call = self._stub.GenerateStream(build_request(prompt, **fields), timeout=timeout or self.timeout,
+                                         metadata=routing_metadata(fields.get("adapter_id")))
         try:
             async for message in call:
                 if message.HasField("chunk"):

@@ -9,6 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lorad.v1 import lorad_pb2, lorad_pb2_grpc
 
+from lorad.clients.channel import DEFAULT_RETRIES, channel_options, routing_metadata
 from lorad.clients.types import AdapterList, Chunk, Completion, LoradRPCError, build_request
 
 
@@ -17,26 +18,30 @@ class Client:
 
     generate / stream accept the GenerateRequest fields as keyword arguments: messages,
     adapter_id, max_new_tokens, temperature, top_p, top_k, seed, repetition_penalty, stop, logprobs.
+    They send adapter_id also as the `x-lorad-adapter` routing key, and retry UNAVAILABLE up to
+    `retries` times (lorad.clients.channel).
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 300.0,
-                 channel: grpc.Channel | None = None):
+                 channel: grpc.Channel | None = None, retries: int = DEFAULT_RETRIES):
         self.target = target
         self.timeout = timeout
-        self._channel = channel or grpc.insecure_channel(target)
+        self._channel = channel or grpc.insecure_channel(target, options=channel_options(retries))
         self._stub = lorad_pb2_grpc.GeneratorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None, **fields) -> Completion:
         try:
-            reply = self._stub.Generate(build_request(prompt, **fields), timeout=timeout or self.timeout)
+            reply = self._stub.Generate(build_request(prompt, **fields), timeout=timeout or self.timeout,
+                                        metadata=routing_metadata(fields.get("adapter_id")))
         except grpc.RpcError as err:
             raise LoradRPCError.wrap(err) from None
         return Completion.from_proto(reply)
 
     def stream(self, prompt: str | None = None, *, timeout: float | None = None, **fields) -> Iterator[Chunk | Completion]:
         """Yield Chunk objects as text becomes final, then one Completion with the totals."""
-        call = self._stub.GenerateStream(build_request(prompt, **fields), timeout=timeout or self.timeout)
+        call = self._stub.GenerateStream(build_request(prompt, **fields), timeout=timeout or self.timeout,
+                                         metadata=routing_metadata(fields.get("adapter_id")))
         try:
             for message in call:
                 if message.HasField("chunk"):

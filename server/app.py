@@ -2,8 +2,11 @@
 
 Start-up order: the gRPC port opens first with health NOT_SERVING (so orchestrators can probe
 it), the base loads in a worker thread, then the engine starts and health turns SERVING.
-Shutdown (SIGINT / SIGTERM or `stop()`): health NOT_SERVING, no new RPCs, in-flight RPCs get
-`grace_seconds` to finish, then the engine stops.
+Shutdown (SIGINT / SIGTERM or `stop()`): health NOT_SERVING and /ready 503, then for
+`drain_seconds` new RPCs are still served (balancers are taking this replica out), then no new
+RPCs, in-flight RPCs get `grace_seconds` to finish, then the engine stops.
+Readiness (lorad.server.readiness) is the one source of truth; gRPC health and the HTTP probes
+both report it.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from lorad.v1 import lorad_pb2, lorad_pb2_grpc
 
 from lorad.server.config import ServerConfig
 from lorad.server.engine import Engine
-from lorad.server.grpc_service import GeneratorService
+from lorad.server.grpc_service import GeneratorService, RequestParseGuard
 from lorad.server.metrics import Metrics
 from lorad.server.model_thread import ModelThread
+from lorad.server.readiness import Readiness
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,8 @@ class LoradServer:
         self.config = config
         self._preloaded = base
         self.metrics = Metrics()
-        self.service = GeneratorService(config.base.name)
+        self.readiness = Readiness()
+        self.service = GeneratorService(config.base.name, config.max_unsent_chunks)
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.engine: Engine | None = None
@@ -51,7 +56,10 @@ class LoradServer:
     async def start(self) -> int:
         """Bind, load the base, start the engine; returns the bound gRPC port."""
         cfg = self.config
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(
+            interceptors=[RequestParseGuard(on_refused=self._count_unparsed)],
+            options=[("grpc.max_receive_message_length", cfg.max_request_bytes)],
+        )
         lorad_pb2_grpc.add_GeneratorServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -63,12 +71,15 @@ class LoradServer:
             self.port = self.server.add_insecure_port(address)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {address}: {exc} (is the port in use?)") from exc
-        await self._set_health(False)
+        await self._sync_health()
         await self.server.start()
         log.info("gRPC listening on %s:%d (health NOT_SERVING until the base is loaded)", cfg.host, self.port)
+        self.metrics.watch_adapters(lambda: self.engine.residency if self.engine is not None else None,
+                                    with_ids=cfg.metrics_adapter_ids)
         if cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(cfg.metrics_host or cfg.host, cfg.metrics_port)
-            log.info("Prometheus metrics on http://%s:%d/metrics", cfg.metrics_host or cfg.host, self.metrics_port)
+            self.metrics_port = self.metrics.serve(cfg.metrics_host or cfg.host, cfg.metrics_port, self.readiness)
+            log.info("Prometheus metrics on http://%s:%d/metrics, probes on /health and /ready",
+                     cfg.metrics_host or cfg.host, self.metrics_port)
 
         # Loading, building and running the engine all happen on one thread (model_thread.py).
         if isinstance(self._preloaded, LoadedBase):
@@ -81,16 +92,22 @@ class LoradServer:
         )
         loop = asyncio.get_running_loop()
         # If the engine loop ever ends (a stop, or a fatal error), orchestrators must see it.
-        self.engine.on_exit = lambda: asyncio.run_coroutine_threadsafe(self._set_health(False), loop)
+        def engine_ended():
+            self.readiness.engine_ended()
+            asyncio.run_coroutine_threadsafe(self._sync_health(), loop)
+
+        self.engine.on_exit = engine_ended
         self.engine.start(self.model_thread)
         self.metrics.watch_device(base.device)
         self.metrics.memory.labels("kv_cache").set(self.engine.kv.nbytes)
         self.metrics.memory.labels("adapter_slots").set(self.engine.pool.nbytes)
-        self.metrics.memory.labels("base_weights").set(base.model.get_memory_footprint())
+        # the model's own weights plus what the runner keeps beside them (dequantized NF4, head copies)
+        self.metrics.memory.labels("base_weights").set(base.model.get_memory_footprint() + self.engine.runner.extra_bytes)
         self.metrics.slots(0, cfg.engine.max_loras)
         self.service.base_name = base.resolved.display_name
         self.service.engine = self.engine
-        await self._set_health(True)
+        self.readiness.mark_ready()
+        await self._sync_health()
         log.info(
             "serving %s (%s) on %s: up to %d requests at once, %d adapter slots of rank <= %d",
             base.resolved.display_name, base.resolved.quant, base.device, self.engine.max_running,
@@ -98,15 +115,27 @@ class LoradServer:
         )
         return self.port
 
-    async def _set_health(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    def _count_unparsed(self, method: str) -> None:
+        if method.startswith(f"/{SERVICE_NAME}/"):
+            self.metrics.request_failed("invalid_argument")
+
+    async def _sync_health(self) -> None:
+        """gRPC health follows readiness (after a graceful shutdown began, set() is a no-op)."""
+        ready = self.readiness.ready
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
 
-    async def stop(self, grace: float | None = None) -> None:
+    async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
         grace = self.config.grace_seconds if grace is None else grace
+        drain = self.config.drain_seconds if drain is None else drain
+        was_ready = self.readiness.ready
+        self.readiness.begin_drain()
         await self.health.enter_graceful_shutdown()
         try:
+            if was_ready and drain > 0:  # keep serving while balancers see /ready fail
+                log.info("draining: not ready, still serving new requests for %.1f s", drain)
+                await asyncio.sleep(drain)
             if self.server is not None:
                 await self.server.stop(grace)
             if self.engine is not None:
@@ -135,7 +164,8 @@ async def serve_forever(config: ServerConfig) -> None:
     if start in done:
         start.result()  # raise start-up errors
         await stopping.wait()
-    log.info("shutting down: finishing in-flight requests (up to %.0f s)", config.grace_seconds)
+    log.info("shutting down: finishing in-flight requests (up to %.0f s after a %.0f s drain)",
+             config.grace_seconds, config.drain_seconds)
     start.cancel()
     await server.stop()
     log.info("stopped")

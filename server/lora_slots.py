@@ -6,8 +6,10 @@ For every (layer, projection) the pool preallocates
     scale: [S]            float32 lora_alpha / r (or / sqrt(r) for rsLoRA)
     dora:  [S, H_out]     float32 DoRA row scale m / ||W + scale B A||_row; ones for plain LoRA
 where S = max_loras and R = max_lora_rank. Loading an adapter zeroes its slot and copies the
-adapter in; nothing is allocated after start-up. The DoRA row scale needs the base weight, which
-the pool does not hold: the model runner computes it (`row_scale`, set by LlamaRunner).
+adapter in; nothing is allocated after start-up, except a module's `dora` table, made (all
+ones) when the first DoRA adapter is written to that module, so a server that never sees DoRA
+holds none. The DoRA row scale needs the base weight, which the pool does not hold: the model
+runner computes it (`row_scale`, set by LlamaRunner).
 
 The slot table is a small state machine: an adapter is in at most one slot; a slot in use by
 running requests (refcount > 0) is never evicted; free slots are reused least recently used
@@ -24,13 +26,15 @@ import torch
 from lorad.adapter_format import LoadedAdapter
 from lorad.geometry import PROJECTIONS, ModelGeometry
 
+from lorad.server.zero_pages import ZeroPages
+
 
 @dataclass
 class ModuleSlots:
     a: torch.Tensor  # [S, R, H_in]
     b: torch.Tensor  # [S, R, H_out]
     scale: torch.Tensor  # [S] float32
-    dora: torch.Tensor  # [S, H_out] float32; 1.0 except in slots holding a DoRA adapter
+    dora: torch.Tensor | None = None  # [S, H_out] float32, 1.0 except in DoRA slots; None until the first
     slots_mask: int = 0  # bit s set when slot s holds a nonzero adapter for this module
     dora_mask: int = 0  # bit s set when slot s holds a DoRA adapter for this module
     _views: dict = field(default_factory=dict, repr=False)
@@ -53,22 +57,25 @@ class LoRASlotPool:
         self.max_rank = max_rank
         self.dtype = dtype
         self.device = device
+        # On the CPU the pools are resident only where adapters were written: rank-16 adapters
+        # in rank-64 slots touch a quarter of them (server/zero_pages.py).
+        self._memory = ZeroPages()
         self.layers: list[dict[str, ModuleSlots]] = []
         for _ in range(geometry.num_layers):
             modules = {}
             for proj in PROJECTIONS:
                 in_f, out_f = geometry.projection_shape(proj)
                 modules[proj] = ModuleSlots(
-                    a=torch.zeros(num_slots, max_rank, in_f, dtype=dtype, device=device),
-                    b=torch.zeros(num_slots, max_rank, out_f, dtype=dtype, device=device),
+                    a=self._memory.zeros((num_slots, max_rank, in_f), dtype, device),
+                    b=self._memory.zeros((num_slots, max_rank, out_f), dtype, device),
                     scale=torch.zeros(num_slots, dtype=torch.float32, device=device),
-                    dora=torch.ones(num_slots, out_f, dtype=torch.float32, device=device),
                 )
             self.layers.append(modules)
         self.slot_of: dict[str, int] = {}
         self.adapter_in: list[str | None] = [None] * num_slots
         self.refcount = [0] * num_slots
         self.slot_rank = [0] * num_slots
+        self._written_rank = [0] * num_slots  # rows [0, r) of a slot may be nonzero (cleared up to r)
         # slots with refcount 0, least recently released first; empty slots are always first
         self._idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(num_slots))
         # (layer, proj, lora_a [r, H_in], lora_b [H_out, r], scale, magnitude [H_out]) -> [H_out] float32
@@ -80,7 +87,7 @@ class LoRASlotPool:
     @property
     def nbytes(self) -> int:
         return sum(
-            m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() + (m.scale.numel() + m.dora.numel()) * 4
+            m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() + (m.scale.numel() + (m.dora.numel() if m.dora is not None else 0)) * 4
             for layer in self.layers
             for m in layer.values()
         )
@@ -130,6 +137,20 @@ class LoRASlotPool:
         self.refcount[slot] -= 1
         if self.refcount[slot] == 0:
             self._idle[slot] = None  # most recently used goes last
+            if self.adapter_in[slot] is None:  # retired: reuse it first
+                self._idle.move_to_end(slot, last=False)
+
+    def retire(self, adapter_id: str) -> None:
+        """Stop handing out adapter_id's slot (its files changed on disk): an idle slot is
+        cleared now; a slot in use keeps its weights for the requests running on it and is
+        reused once they have released it. A later acquire loads the adapter afresh."""
+        slot = self.slot_of.pop(adapter_id, None)
+        if slot is None:
+            return
+        self.adapter_in[slot] = None
+        if self.refcount[slot] == 0:
+            self._clear(slot)
+            self._idle.move_to_end(slot, last=False)
 
     def evict(self, adapter_id: str) -> bool:
         """Drop an idle adapter from its slot (unload). False if it is in use or absent."""
@@ -153,28 +174,33 @@ class LoRASlotPool:
         for layer in self.layers:
             for m in layer.values():
                 if m.slots_mask & bit:
-                    m.a[slot].zero_()
-                    m.b[slot].zero_()
+                    rows = self._written_rank[slot]  # only the rows a write may have touched
+                    m.a[slot, :rows].zero_()
+                    m.b[slot, :rows].zero_()
                     m.scale[slot] = 0.0
                     m.slots_mask &= ~bit
                 if m.dora_mask & bit:
                     m.dora[slot].fill_(1.0)
                     m.dora_mask &= ~bit
         self.slot_rank[slot] = 0
+        self._written_rank[slot] = 0
 
     def _write(self, slot: int, adapter: LoadedAdapter) -> None:
         self._clear(slot)
         bit = 1 << slot
+        self._written_rank[slot] = max(a.shape[0] for a, _ in adapter.weights.values()) if adapter.weights else 0
         for (layer, proj), (lora_a, lora_b) in adapter.weights.items():
             m = self.layers[layer][proj]
             r = lora_a.shape[0]
+            m.slots_mask |= bit  # first: a write that fails half-way is cleared by _clear
             m.a[slot, :r].copy_(lora_a)  # [r, H_in]
             m.b[slot, :r].copy_(lora_b.t())  # [H_out, r] -> [r, H_out]
             m.scale[slot] = adapter.spec.modules[(layer, proj)].scale
-            m.slots_mask |= bit
             magnitude = adapter.magnitudes.get((layer, proj))
             if magnitude is not None:
                 assert self.row_scale is not None, "DoRA needs the model runner's row_scale"
+                if m.dora is None:
+                    m.dora = torch.ones(self.num_slots, m.b.shape[2], dtype=torch.float32, device=self.device)
+                m.dora_mask |= bit  # first, as for slots_mask
                 m.dora[slot].copy_(self.row_scale(layer, proj, lora_a, lora_b, float(m.scale[slot]), magnitude))
-                m.dora_mask |= bit
         self.slot_rank[slot] = adapter.spec.rank
