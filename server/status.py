@@ -5,14 +5,19 @@ from __future__ import annotations
 import grpc
 
 from lorad.errors import (
+    AdapterExistsError,
     AdapterNotFoundError,
     ConfigError,
     DeadlineExceededError,
     EngineStoppedError,
     InvalidAdapterError,
+    IntegrityError,
     InvalidRequestError,
+    LimitExceededError,
     LoradError,
+    PermissionDeniedError,
     QueueFullError,
+    UnauthenticatedError,
 )
 
 _CODES: list[tuple[type, grpc.StatusCode]] = [
@@ -23,6 +28,11 @@ _CODES: list[tuple[type, grpc.StatusCode]] = [
     (InvalidAdapterError, grpc.StatusCode.FAILED_PRECONDITION),
     (EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (AdapterExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (IntegrityError, grpc.StatusCode.DATA_LOSS),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
 ]
 
 
