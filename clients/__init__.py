@@ -6,11 +6,25 @@
         for piece in client.stream(messages=[{"role": "user", "content": "Hi"}]):
             ...
 
-AsyncClient has the same methods for asyncio.
+AsyncClient has the same methods for asyncio. Adapter management (admin):
+load_adapter(id, pin=...), unpin_adapter, unload_adapter, delete_adapter,
+upload_adapter(folder, id, replace=...), get_adapter; pass token=... (or set LORAD_TOKEN) and
+tls_ca=... for a server with tokens and TLS.
 """
 
 from lorad.clients.aio_client import AsyncClient
 from lorad.clients.sync_client import Client
-from lorad.clients.types import AdapterInfo, AdapterList, Chunk, Completion, LoradRPCError
+from lorad.clients.types import (
+    AdapterInfo,
+    AdapterList,
+    Chunk,
+    Completion,
+    DeleteResult,
+    LoadResult,
+    LoradRPCError,
+    UnloadResult,
+    UploadResult,
+)
 
-__all__ = ["AdapterInfo", "AdapterList", "AsyncClient", "Chunk", "Client", "Completion", "LoradRPCError"]
+__all__ = ["AdapterInfo", "AdapterList", "AsyncClient", "Chunk", "Client", "Completion", "DeleteResult", "LoadResult",
+           "LoradRPCError", "UnloadResult", "UploadResult"]
