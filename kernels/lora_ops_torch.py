@@ -160,9 +160,11 @@ def _expand_padded(y, v, lora_b, scale, meta) -> None:
             vs = vs.to(y.dtype)
         _rows(y, p0, P).view(n, L, H_out).baddbmm_(vs, b)
         return
-    # Pads read the first LoRA token's row and are zeroed by pad_valid: index_add_ adds 0.0 there.
-    vs = (v.index_select(0, meta.pad_rows).view(n, L, R) * (s * meta.pad_valid)).to(y.dtype)
-    y.index_add_(0, meta.pad_rows, torch.bmm(vs, b).view(P, H_out))
+    # Only real tokens' products reach y. A pad's product is 0 times its slot's B and scale,
+    # which is NaN when that slot (in use or an unused one inside the range) holds a NaN or an
+    # Inf; adding it to the row the pad read would hand one adapter's poison to another's token.
+    vs = (v.index_select(0, meta.pad_rows).view(n, L, R) * s).to(y.dtype)
+    y.index_add_(0, meta.sorted_rows, torch.bmm(vs, b).view(P, H_out).index_select(0, meta.pad_valid_pos))
 
 
 # --- per-segment matmul ---------------------------------------------------------------------

@@ -25,7 +25,7 @@ from lora_cases import (
     reference,
     widen,
 )
-from lorad.kernels import build_lora_meta, lora_expand, lora_shrink, resolve_backend
+from lorad.kernels import add_lora, build_lora_meta, lora_expand, lora_shrink, resolve_backend
 from lorad.kernels import lora_ops_torch
 from lorad.kernels.lora_ops_torch import lora_expand_torch, lora_shrink_torch
 
@@ -360,3 +360,43 @@ def test_expand_never_reads_the_unspecified_v_rows_of_base_tokens(padded, monkey
     assert torch.equal(y[0], p.y0[0])
     _, y_ref = reference(p)
     assert (y.double() - y_ref).abs().max() < 1e-4
+
+
+# --- isolation: a slot's values reach only its own tokens -------------------------------------
+
+POISONS = {
+    "nan_scale": lambda p, s: p.scale.__setitem__(s, float("nan")),
+    "inf_scale": lambda p, s: p.scale.__setitem__(s, float("inf")),
+    "inf_in_b": lambda p, s: p.lora_b[s].__setitem__((0, 3), float("inf")),
+    "nan_in_b": lambda p, s: p.lora_b[s].__setitem__((1, 0), float("nan")),
+    "inf_in_a": lambda p, s: p.lora_a[s].__setitem__((0, 5), float("inf")),
+    "huge_b": lambda p, s: p.lora_b[s].fill_(3e38),
+}
+
+
+@pytest.mark.parametrize("poison", POISONS)
+@pytest.mark.parametrize("case, poisoned", [
+    ("unused_slot_between_used_ones", 1),  # slots 0 and 2 in use: the padded range spans slot 1
+    ("used_slot_with_pads", 2),  # slot 2's segment is shorter than slot 0's: it has pad positions
+], ids=["unused_gap", "padded_used"])
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "segments"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_slots_values_never_reach_another_slots_tokens(case, poisoned, poison, padded, dtype, monkeypatch):
+    """NaN scale, Inf/NaN/huge weights in one slot (in use or not): every token of another slot,
+    and every base token, comes out bit-identical to a run without the poison (0 * NaN = NaN
+    must not travel through padding)."""
+    monkeypatch.setattr(lora_ops_torch, "use_padded", lambda meta: padded)
+    slots = [0, 0, 0, -1, 2, 2] if case == "used_slot_with_pads" else [0, 0, -1, 2, 2]
+    clean = make_problem(slots, 4, 32, 24, 4, dtype, seed=6)
+    dirty = make_problem(slots, 4, 32, 24, 4, dtype, seed=6)
+    POISONS[poison](dirty, poisoned)
+    meta = build_lora_meta(slots, 4)
+    assert (meta.pad_identity, meta.n_range) == (False, 3)  # the padded layout has pads here
+    outs = []
+    for p in (clean, dirty):
+        y = p.y0.clone()
+        add_lora(y, p.x, p.lora_a, p.lora_b, p.scale, meta, backend="torch")
+        outs.append(y)
+    others = [t for t, s in enumerate(slots) if s != poisoned]
+    assert torch.equal(outs[1][others], outs[0][others])
+    assert torch.isfinite(outs[0]).all()

@@ -261,3 +261,25 @@ def test_rank_slice_of_a_wider_pool():
     y_sliced = check_kernels(p, 4, torch.float32)
     assert torch.allclose(y_sliced, y_compact, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("poison", ["nan_scale", "inf_in_b"])
+@pytest.mark.parametrize("slots, poisoned", [([0, 0, -1, 2, 2], 1), ([0, 0, 0, -1, 2, 2], 2)],
+                         ids=["unused_gap", "padded_used"])
+def test_a_slots_values_never_reach_another_slots_tokens(slots, poisoned, poison):
+    """The twin's grid point of the same name, on the kernels: other slots' and base tokens come
+    out bit-identical to a run without the poisoned slot."""
+    outs = []
+    for dirty in (False, True):
+        p = make_problem(slots, 4, 32, 24, 4, torch.float32, seed=6)
+        if dirty and poison == "nan_scale":
+            p.scale[poisoned] = float("nan")
+        elif dirty:
+            p.lora_b[poisoned, 0, 3] = float("inf")
+        p = to_device(p)
+        meta = build_lora_meta(slots, 4, DEVICE)
+        y = p.y0.clone()
+        lora_expand_triton(y, lora_shrink_triton(p.x, p.lora_a, meta), p.lora_b, p.scale, meta)
+        outs.append(y.cpu())
+    others = [t for t, s in enumerate(slots) if s != poisoned]
+    assert torch.equal(outs[1][others], outs[0][others]) and torch.isfinite(outs[0]).all()
