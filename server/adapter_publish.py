@@ -361,19 +361,24 @@ class Upload:
             self.publisher._release_slot()
 
 
+def files_stamp(path: Path) -> tuple:
+    """Identity of an adapter folder's files as they are now (inode, size, mtime, ctime of each;
+    links followed): a rewrite, a replace or a touch changes it; reading it costs three stats."""
+    return tuple(
+        (name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) if (st := _stat(path / name)) else None
+        for name in DIGEST_FILES
+    )
+
+
 class DigestMemo:
-    """Version digests of adapter folders, re-read only when a file's size or mtime changes."""
+    """Version digests of adapter folders, re-read only when the files' stamp changes."""
 
     def __init__(self):
         self._memo: dict[Path, tuple[tuple, str]] = {}
         self._lock = threading.Lock()
 
     def digest(self, path: Path) -> str:
-        key = tuple(
-            (name, st.st_size, st.st_mtime_ns)
-            for name in DIGEST_FILES
-            if (st := _stat(path / name)) is not None
-        )
+        key = files_stamp(path)
         with self._lock:
             hit = self._memo.get(path)
         if hit is not None and hit[0] == key:

@@ -78,6 +78,11 @@ class LoRASlotPool:
         )
 
     @property
+    def slot_nbytes(self) -> int:
+        """Device bytes of one slot (every slot is sized for max_lora_rank)."""
+        return self.nbytes // self.num_slots
+
+    @property
     def slots_used(self) -> int:
         return sum(1 for a in self.adapter_in if a is not None)
 
@@ -122,6 +127,20 @@ class LoRASlotPool:
         self.refcount[slot] -= 1
         if self.refcount[slot] == 0:
             self._idle[slot] = None  # most recently used goes last
+            if self.adapter_in[slot] is None:  # retired: reuse it first
+                self._idle.move_to_end(slot, last=False)
+
+    def retire(self, adapter_id: str) -> None:
+        """Stop handing out adapter_id's slot (its files changed on disk): an idle slot is
+        cleared now; a slot in use keeps its weights for the requests running on it and is
+        reused once they have released it. A later acquire loads the adapter afresh."""
+        slot = self.slot_of.pop(adapter_id, None)
+        if slot is None:
+            return
+        self.adapter_in[slot] = None
+        if self.refcount[slot] == 0:
+            self._clear(slot)
+            self._idle.move_to_end(slot, last=False)
 
     def evict(self, adapter_id: str) -> bool:
         """Drop an idle adapter from its slot (unload). False if it is in use or absent."""

@@ -73,6 +73,14 @@ class Metrics(EngineObserver):
             "lorad_device_memory_allocated_bytes", "torch.cuda.memory_allocated (0 on CPU).", registry=r)
         self.device_reserved = Gauge(
             "lorad_device_memory_reserved_bytes", "torch.cuda.memory_reserved (0 on CPU).", registry=r)
+        self.adapters = Gauge(
+            "lorad_adapters", "Adapters (current versions) per tier: host memory, device slots; and pinned ones.",
+            ["tier"], registry=r)
+        self.adapter_bytes = Gauge("lorad_adapter_bytes", "Bytes of adapters per tier (host copies, device slots in use).",
+                                   ["tier"], registry=r)
+        self.adapter_actions = Counter(
+            "lorad_adapter_actions_total", "Adapter management actions: load, unload, delete, replace, upload.",
+            ["action"], registry=r)
         self.rss = Gauge("lorad_process_resident_memory_bytes", "Resident memory of the server process.", registry=r)
         self.rss.set_function(_process_rss_bytes)
         self._http = None
@@ -138,3 +146,13 @@ class Metrics(EngineObserver):
     def slots(self, used: int, total: int) -> None:
         self.slots_used.set(used)
         self.slots_total.set(total)
+
+    def adapter_tiers(self, host: int, device: int, pinned: int, host_bytes: int, device_bytes: int) -> None:
+        self.adapters.labels("host").set(host)
+        self.adapters.labels("device").set(device)
+        self.adapters.labels("pinned").set(pinned)
+        self.adapter_bytes.labels("host").set(host_bytes)
+        self.adapter_bytes.labels("device").set(device_bytes)
+
+    def adapter_event(self, kind: str) -> None:
+        self.adapter_actions.labels(kind).inc()

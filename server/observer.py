@@ -28,3 +28,9 @@ class EngineObserver:
         """into: 'host' (read from disk) or 'device' (copied into a slot)."""
 
     def slots(self, used: int, total: int) -> None: ...
+
+    def adapter_tiers(self, host: int, device: int, pinned: int, host_bytes: int, device_bytes: int) -> None:
+        """Adapters (current versions) in host memory and in device slots, pinned ones, and bytes per tier."""
+
+    def adapter_event(self, kind: str) -> None:
+        """kind: load | unload | delete | replace | upload (management actions, counted)."""
