@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 50051
 ADAPTERS ?= adapters
 
-.PHONY: serve test install proto bench clean-venv
+.PHONY: serve test install system-deps proto bench cluster clean-venv
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,24 @@ serve: install
 	$(PY) -m lorad.demo $(ADAPTERS)
 	$(VENV)/bin/lorad serve --host $(HOST) --port $(PORT) --adapters $(ADAPTERS)
 
-test: install
+# REPLICAS lorad servers on loopback behind HAProxy (apt-get install haproxy), hashing on the
+# x-lorad-adapter header; prints the address to use with `lorad generate --target`; Ctrl-C stops it.
+REPLICAS ?= 3
+CLUSTER_PORT ?= 50050
+cluster: install system-deps
+	mkdir -p $(ADAPTERS)
+	$(PY) -m lorad.demo $(ADAPTERS)
+	$(VENV)/bin/lorad cluster up --replicas $(REPLICAS) --port $(CLUSTER_PORT) --adapters $(ADAPTERS)
+
+# The scale-out tests start a real HAProxy (Debian's package). Installed here when missing and
+# apt-get is usable (root on Debian/Ubuntu, as in CI); otherwise those tests skip with a reason.
+system-deps:
+	@command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; } || \
+	  echo "note: haproxy not installed and cannot be installed here; the scale-out tests will skip"
+
+test: install system-deps
 	$(VENV)/bin/pytest -q tests
 
 proto: install

@@ -9,10 +9,12 @@
 AsyncClient has the same methods for asyncio. Adapter management (admin):
 load_adapter(id, pin=...), unpin_adapter, unload_adapter, delete_adapter,
 upload_adapter(folder, id, replace=...), get_adapter; pass token=... (or set LORAD_TOKEN) and
-tls_ca=... for a server with tokens and TLS.
+tls_ca=... for a server with tokens and TLS. Both clients send the adapter id also as the gRPC
+metadata `x-lorad-adapter` (ROUTING_HEADER), the key a load balancer hashes on (lorad.clients.channel).
 """
 
 from lorad.clients.aio_client import AsyncClient
+from lorad.clients.channel import ROUTING_HEADER
 from lorad.clients.sync_client import Client
 from lorad.clients.types import (
     AdapterInfo,
@@ -27,4 +29,4 @@ from lorad.clients.types import (
 )
 
 __all__ = ["AdapterInfo", "AdapterList", "AsyncClient", "Chunk", "Client", "Completion", "DeleteResult", "LoadResult",
-           "LoradRPCError", "UnloadResult", "UploadResult"]
+           "LoradRPCError", "ROUTING_HEADER", "UnloadResult", "UploadResult"]

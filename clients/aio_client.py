@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lorad.v1 import lorad_pb2, lorad_pb2_grpc
 
+from lorad.clients.channel import DEFAULT_RETRIES, channel_options, routing_metadata
 from lorad.clients.types import (
     AdapterInfo,
     AdapterList,
@@ -33,31 +34,34 @@ class AsyncClient:
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 300.0, token: str | None = None,
                  tls: bool = False, tls_ca: str | None = None, client_cert: str | None = None,
-                 client_key: str | None = None):
+                 client_key: str | None = None, retries: int = DEFAULT_RETRIES):
         self.target = target
         self.timeout = timeout
         if tls or tls_ca or client_cert:
-            self._channel = grpc.aio.secure_channel(target, channel_credentials(tls_ca, client_cert, client_key))
+            self._channel = grpc.aio.secure_channel(target, channel_credentials(tls_ca, client_cert, client_key),
+                                                    options=channel_options(retries))
         else:
-            self._channel = grpc.aio.insecure_channel(target)
+            self._channel = grpc.aio.insecure_channel(target, options=channel_options(retries))
         self._metadata = call_metadata(resolve_token(token))
         self._stub = lorad_pb2_grpc.GeneratorStub(self._channel)
         self._admin = lorad_pb2_grpc.AdapterManagerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    async def _call(self, method, request, timeout: float | None):
+    async def _call(self, method, request, timeout: float | None, adapter_id: str | None = None):
         try:
-            return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            return await method(request, timeout=timeout or self.timeout,
+                                metadata=self._metadata + routing_metadata(adapter_id))
         except grpc.RpcError as err:
             raise LoradRPCError.wrap(err) from None
 
     async def generate(self, prompt: str | None = None, *, timeout: float | None = None, **fields) -> Completion:
-        return Completion.from_proto(await self._call(self._stub.Generate, build_request(prompt, **fields), timeout))
+        return Completion.from_proto(await self._call(self._stub.Generate, build_request(prompt, **fields), timeout,
+                                                      fields.get("adapter_id")))
 
     async def stream(self, prompt: str | None = None, *, timeout: float | None = None,
                      **fields) -> AsyncIterator[Chunk | Completion]:
         call = self._stub.GenerateStream(build_request(prompt, **fields), timeout=timeout or self.timeout,
-                                         metadata=self._metadata)
+                                         metadata=self._metadata + routing_metadata(fields.get("adapter_id")))
         try:
             async for message in call:
                 if message.HasField("chunk"):

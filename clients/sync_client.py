@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lorad.v1 import lorad_pb2, lorad_pb2_grpc
 
+from lorad.clients.channel import DEFAULT_RETRIES, channel_options, routing_metadata
 from lorad.clients.types import (
     AdapterInfo,
     AdapterList,
@@ -38,39 +39,46 @@ class Client:
     adapter management methods (load_adapter, upload_adapter, ...) on a server that asks for one.
     tls / tls_ca: connect over TLS, verifying the server with tls_ca (a PEM file) or the system's
     roots; client_cert / client_key for servers that require client certificates.
+
+    Generate / GenerateStream send adapter_id also as the `x-lorad-adapter` routing key, and
+    retry UNAVAILABLE up to `retries` times (lorad.clients.channel).
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 300.0,
                  channel: grpc.Channel | None = None, token: str | None = None, tls: bool = False,
-                 tls_ca: str | None = None, client_cert: str | None = None, client_key: str | None = None):
+                 tls_ca: str | None = None, client_cert: str | None = None, client_key: str | None = None,
+                 retries: int = DEFAULT_RETRIES):
         self.target = target
         self.timeout = timeout
         if channel is None:
             if tls or tls_ca or client_cert:
-                channel = grpc.secure_channel(target, channel_credentials(tls_ca, client_cert, client_key))
+                channel = grpc.secure_channel(target, channel_credentials(tls_ca, client_cert, client_key),
+                                              options=channel_options(retries))
             else:
-                channel = grpc.insecure_channel(target)
+                channel = grpc.insecure_channel(target, options=channel_options(retries))
         self._channel = channel
         self._metadata = call_metadata(resolve_token(token))
         self._stub = lorad_pb2_grpc.GeneratorStub(self._channel)
         self._admin = lorad_pb2_grpc.AdapterManagerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def _call(self, method, request, timeout: float | None):
+    def _call(self, method, request, timeout: float | None, adapter_id: str | None = None):
         try:
-            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            return method(request, timeout=timeout or self.timeout,
+                          metadata=self._metadata + routing_metadata(adapter_id))
         except grpc.RpcError as err:
             raise LoradRPCError.wrap(err) from None
 
     # --- inference --------------------------------------------------------------------------
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None, **fields) -> Completion:
-        return Completion.from_proto(self._call(self._stub.Generate, build_request(prompt, **fields), timeout))
+        return Completion.from_proto(self._call(self._stub.Generate, build_request(prompt, **fields), timeout,
+                                                fields.get("adapter_id")))
 
     def stream(self, prompt: str | None = None, *, timeout: float | None = None, **fields) -> Iterator[Chunk | Completion]:
         """Yield Chunk objects as text becomes final, then one Completion with the totals."""
         call = self._stub.GenerateStream(build_request(prompt, **fields), timeout=timeout or self.timeout,
-                                         metadata=self._metadata)
+                                         metadata=self._metadata + routing_metadata(fields.get("adapter_id")))
         try:
             for message in call:
                 if message.HasField("chunk"):

@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "generate": ("lorad.clients.cli", "generate", "Send one prompt to a running server."),
     "adapters": ("lorad.clients.cli", "adapters", "List, upload, load, pin, unload and delete adapters on a running server."),
     "train": ("lorad.trainer.cli", "train", "QLoRA-train an adapter from an axolotl-style YAML."),
+    "cluster": ("lorad.cluster", "cluster", "Run replicas behind HAProxy with adapter affinity on this machine."),
 }
 
 

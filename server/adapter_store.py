@@ -90,6 +90,10 @@ class AdapterStore:
         with self._lock:
             return adapter_id in self._host
 
+    def host_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._host)
+
     def is_loading(self, adapter_id: str) -> bool:
         with self._lock:
             return adapter_id in self._loading

@@ -2,8 +2,11 @@
 
 Start-up order: the gRPC port opens first with health NOT_SERVING (so orchestrators can probe
 it), the base loads in a worker thread, then the engine starts and health turns SERVING.
-Shutdown (SIGINT / SIGTERM or `stop()`): health NOT_SERVING, no new RPCs, in-flight RPCs get
-`grace_seconds` to finish, then the engine stops.
+Shutdown (SIGINT / SIGTERM or `stop()`): health NOT_SERVING and /ready 503, then for
+`drain_seconds` new RPCs are still served (balancers are taking this replica out), then no new
+RPCs, in-flight RPCs get `grace_seconds` to finish, then the engine stops.
+Readiness (lorad.server.readiness) is the one source of truth; gRPC health and the HTTP probes
+both report it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from lorad.server.engine import Engine
 from lorad.server.grpc_service import GeneratorService
 from lorad.server.metrics import Metrics
 from lorad.server.model_thread import ModelThread
+from lorad.server.readiness import Readiness
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ class LoradServer:
         self.config = config
         self._preloaded = base
         self.metrics = Metrics()
+        self.readiness = Readiness()
         self.service = GeneratorService(config.base.name)
         self.admin = AdapterManagerService(config.adapters_dir, UploadLimits(max_bytes=config.max_upload_bytes))
         self.health = HealthServicer()
@@ -85,12 +90,15 @@ class LoradServer:
         if self.admin.publisher is not None:
             for action in self.admin.publisher.recover():
                 log.warning("adapters folder: %s", action)
-        await self._set_health(False)
+        await self._sync_health()
         await self.server.start()
         log.info("gRPC listening on %s:%d (health NOT_SERVING until the base is loaded)", cfg.host, self.port)
+        self.metrics.watch_adapters(lambda: self.engine.residency if self.engine is not None else None,
+                                    with_ids=cfg.metrics_adapter_ids)
         if cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(cfg.metrics_host or cfg.host, cfg.metrics_port)
-            log.info("Prometheus metrics on http://%s:%d/metrics", cfg.metrics_host or cfg.host, self.metrics_port)
+            self.metrics_port = self.metrics.serve(cfg.metrics_host or cfg.host, cfg.metrics_port, self.readiness)
+            log.info("Prometheus metrics on http://%s:%d/metrics, probes on /health and /ready",
+                     cfg.metrics_host or cfg.host, self.metrics_port)
 
         # Loading, building and running the engine all happen on one thread (model_thread.py).
         if isinstance(self._preloaded, LoadedBase):
@@ -103,7 +111,11 @@ class LoradServer:
         )
         loop = asyncio.get_running_loop()
         # If the engine loop ever ends (a stop, or a fatal error), orchestrators must see it.
-        self.engine.on_exit = lambda: asyncio.run_coroutine_threadsafe(self._set_health(False), loop)
+        def engine_ended():
+            self.readiness.engine_ended()
+            asyncio.run_coroutine_threadsafe(self._sync_health(), loop)
+
+        self.engine.on_exit = engine_ended
         self.engine.start(self.model_thread)
         self.metrics.watch_device(base.device)
         self.metrics.memory.labels("kv_cache").set(self.engine.kv.nbytes)
@@ -114,7 +126,8 @@ class LoradServer:
         self.service.engine = self.engine
         self.admin.base_name = base.resolved.display_name
         self.admin.engine = self.engine
-        await self._set_health(True)
+        self.readiness.mark_ready()
+        await self._sync_health()
         log.info(
             "serving %s (%s) on %s: up to %d requests at once, %d adapter slots of rank <= %d",
             base.resolved.display_name, base.resolved.quant, base.device, self.engine.max_running,
@@ -122,15 +135,23 @@ class LoradServer:
         )
         return self.port
 
-    async def _set_health(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    async def _sync_health(self) -> None:
+        """gRPC health follows readiness (after a graceful shutdown began, set() is a no-op)."""
+        ready = self.readiness.ready
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
             await self.health.set(service, status)
 
-    async def stop(self, grace: float | None = None) -> None:
+    async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
         grace = self.config.grace_seconds if grace is None else grace
+        drain = self.config.drain_seconds if drain is None else drain
+        was_ready = self.readiness.ready
+        self.readiness.begin_drain()
         await self.health.enter_graceful_shutdown()
         try:
+            if was_ready and drain > 0:  # keep serving while balancers see /ready fail
+                log.info("draining: not ready, still serving new requests for %.1f s", drain)
+                await asyncio.sleep(drain)
             if self.server is not None:
                 await self.server.stop(grace)
             if self.engine is not None:
@@ -159,7 +180,8 @@ async def serve_forever(config: ServerConfig) -> None:
     if start in done:
         start.result()  # raise start-up errors
         await stopping.wait()
-    log.info("shutting down: finishing in-flight requests (up to %.0f s)", config.grace_seconds)
+    log.info("shutting down: finishing in-flight requests (up to %.0f s after a %.0f s drain)",
+             config.grace_seconds, config.drain_seconds)
     start.cancel()
     await server.stop()
     log.info("stopped")

@@ -72,11 +72,19 @@ def _default(name: str):
               help="Largest adapter upload accepted (all files together).")
 @click.option("--grace", "grace_seconds", type=float, default=_default("grace_seconds"), show_default=True,
               help="Seconds in-flight requests get to finish on shutdown.")
+@click.option("--drain-seconds", type=float, default=_default("drain_seconds"), show_default=True,
+              help="On shutdown, seconds to keep serving new requests while /ready and gRPC health already say "
+                   "not ready, so a load balancer stops routing here first (set it above the balancer's "
+                   "check interval x fall count).")
+@click.option("--metrics-adapter-ids", is_flag=True, default=_default("metrics_adapter_ids"),
+              help="Export which adapters are resident (device/host) and running/waiting, by id, on /metrics "
+                   "(lorad_adapter_resident, lorad_lora_requests_info in vLLM's shape) for adapter-aware "
+                   "routers. Off by default: adapter ids become label values.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def serve(base, quant, device, adapters_dir, host, port, metrics_port, max_loras, max_cpu_loras, max_lora_rank,
           max_batch_size, max_seq_len, kv_cache_memory, max_prefill_tokens, max_queue, default_max_new_tokens,
           lora_backend, admin_token_file, api_token_file, tls_cert, tls_key, tls_client_ca, max_upload_bytes,
-          grace_seconds, log_level):
+          grace_seconds, drain_seconds, metrics_adapter_ids, log_level):
     """Serve one base model and every adapter in --adapters over gRPC (lorad.v1.Generator).
 
     \b
@@ -101,6 +109,8 @@ def serve(base, quant, device, adapters_dir, host, port, metrics_port, max_loras
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,
             max_upload_bytes=max_upload_bytes,
+            drain_seconds=drain_seconds,
+            metrics_adapter_ids=metrics_adapter_ids,
             base=BaseModelConfig(name=base, quant=quant, device=device),
             engine=EngineConfig(
                 max_loras=max_loras,

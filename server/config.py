@@ -95,6 +95,10 @@ class ServerConfig:
     metrics_host: str | None = None  # None = same as host
     adapters_dir: str | None = None
     grace_seconds: float = 10.0
+    # on shutdown: seconds to stay up, not ready but still serving, before refusing new calls, so
+    # balancers (HAProxy health checks, Kubernetes endpoints) stop routing here first
+    drain_seconds: float = 0.0
+    metrics_adapter_ids: bool = False  # export which adapters are resident / running, by id
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     admin_token_file: str | None = None
@@ -109,8 +113,9 @@ class ServerConfig:
             raise ConfigError(f"port: {self.port} is outside 0-65535")
         if self.metrics_port is not None and not (0 <= self.metrics_port <= 65535):
             raise ConfigError(f"metrics_port: {self.metrics_port} is outside 0-65535")
-        if self.grace_seconds < 0:
-            raise ConfigError("grace_seconds: must not be negative")
+        for name in ("grace_seconds", "drain_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative")
         self.max_upload_bytes = parse_bytes(self.max_upload_bytes, "max_upload_bytes")
         _positive("max_upload_bytes", self.max_upload_bytes)
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -48,6 +48,7 @@ from lorad.server.lora_slots import LoRASlotPool
 from lorad.server.model_runner import LlamaRunner, SeqChunk, StepBatch
 from lorad.server.model_thread import ModelThread
 from lorad.server.observer import EngineObserver
+from lorad.server.residency import AdapterResidency, residency_snapshot
 from lorad.server.sampling import SamplingParams, make_generator, sample_tokens
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,8 @@ class Engine:
         self._running_loop = None  # the Thread or Future running _loop
         self.on_exit: Callable[[], None] | None = None  # called (on the loop's thread) once the loop has ended
         self.steps = 0
+        # published by the loop after every iteration; read from any thread (lorad.server.residency)
+        self.residency = AdapterResidency(max_loras=config.max_loras)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -330,9 +333,11 @@ class Engine:
                     self._admit()
                     with self._cv:
                         self._num_waiting = len(self._waiting)
-                    if self._running:
+                    stepped = bool(self._running)
+                    if stepped:
                         self._step()
-                    elif self._waiting:
+                    self._publish_residency()
+                    if not stepped and self._waiting:
                         with self._cv:  # waiting only on adapter loads: sleep until one finishes
                             self._cv.wait(timeout=0.05)
                 except Exception:  # a bug must not kill the loop; fail what was running instead
@@ -350,6 +355,11 @@ class Engine:
                     self.on_exit()
                 except Exception:  # e.g. the server's event loop is already closed
                     log.debug("engine on_exit hook failed", exc_info=True)
+
+    def _publish_residency(self) -> None:
+        self.residency = residency_snapshot(
+            self.pool.adapter_in, self.store.host_ids(), (r.adapter_id for r in self._running),
+            (r.adapter_id for r in self._waiting), self.pool.num_slots)
 
     def _shutdown(self) -> None:
         err = EngineStoppedError("the server is shutting down")

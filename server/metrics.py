@@ -1,16 +1,20 @@
 """Prometheus metrics for the server (names: lorad_ prefix, _seconds, _bytes, _total).
 
 Labels are bounded: finish reasons, error kinds and cache tiers are fixed sets; adapter ids
-never appear as label values (there may be thousands).
+never appear as label values (there may be thousands), except in the residency families that
+`--metrics-adapter-ids` turns on (lorad.server.adapter_metrics).
 """
 
 from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from lorad.server import metrics_http
+from lorad.server.adapter_metrics import AdapterResidencyCollector
 from lorad.server.observer import EngineObserver
+from lorad.server.readiness import Readiness
 
 # 1 ms .. ~2 min, roughly x2 per bucket
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -93,11 +97,14 @@ class Metrics(EngineObserver):
             self.device_allocated.set_function(lambda: torch.cuda.memory_allocated(device))
             self.device_reserved.set_function(lambda: torch.cuda.memory_reserved(device))
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP endpoint; returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._http = server
-        return server.server_port
+    def watch_adapters(self, snapshot, with_ids: bool) -> None:
+        """Export adapter residency from the engine's published snapshot (a callable returning it)."""
+        self.registry.register(AdapterResidencyCollector(snapshot, with_ids))
+
+    def serve(self, host: str, port: int, readiness: Readiness | None = None) -> int:
+        """Start /metrics (and /health, /ready when given readiness) over HTTP; returns the bound port."""
+        self._http = metrics_http.serve(metrics_http.make_app(self.registry, readiness), host, port)
+        return self._http.server_port
 
     def close(self) -> None:
         if self._http is not None:
