@@ -46,6 +46,8 @@ def train(config, overrides, dry_run, resume, resume_from, stop_after, push, pus
 
     try:
         cfg = load_config(config, overrides)
+        if push is not None and not dry_run:
+            _check_push_target(push, token, tls_ca)  # before hours of training, not after
         from lorad.trainer.recipe import QLoRARecipe, quiet_libraries  # torch and transformers load here
 
         with quiet_libraries():
@@ -68,6 +70,18 @@ def train(config, overrides, dry_run, resume, resume_from, stop_after, push, pus
     except LoradError as exc:
         click.echo(f"lorad train: error: {exc}", err=True)
         sys.exit(1)
+
+
+def _check_push_target(target: str, token: str | None, tls_ca: str | None) -> None:
+    from lorad.clients import Client, LoradRPCError
+    from lorad.trainer.errors import PushError
+
+    try:
+        with Client(target, timeout=10, token=token, tls_ca=tls_ca, retries=0) as client:
+            client.health(timeout=10)
+    except LoradRPCError as err:
+        raise PushError(f"--push {target}: the server cannot be reached ({err.code.name}: {err.details}); "
+                        "nothing was trained. Start `lorad serve` there first, or drop --push") from None
 
 
 def _push(target: str, folder, adapter_id: str | None, token: str | None, tls_ca: str | None) -> None:
