@@ -30,7 +30,7 @@ from lorad.server.adapter_service import AdapterManagerService
 from lorad.server.auth import AuthInterceptor, is_loopback, policy_from, server_credentials
 from lorad.server.config import ServerConfig
 from lorad.server.engine import Engine
-from lorad.server.grpc_service import GeneratorService
+from lorad.server.grpc_service import GeneratorService, RequestParseGuard
 from lorad.server.metrics import Metrics
 from lorad.server.model_thread import ModelThread
 from lorad.server.readiness import Readiness
@@ -48,7 +48,7 @@ class LoradServer:
         self._preloaded = base
         self.metrics = Metrics()
         self.readiness = Readiness()
-        self.service = GeneratorService(config.base.name)
+        self.service = GeneratorService(config.base.name, config.max_unsent_chunks)
         self.admin = AdapterManagerService(config.adapters_dir, UploadLimits(max_bytes=config.max_upload_bytes))
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -63,9 +63,11 @@ class LoradServer:
         cfg = self.config
         policy = policy_from(cfg.admin_token_file, cfg.api_token_file, cfg.host)
         self.server = grpc.aio.server(
-            interceptors=[AuthInterceptor(policy, on_refusal=self.metrics.request_failed)],
-            # uploads arrive in chunks of at most 1 MiB; 4 MiB is gRPC's default receive limit
-            options=[("grpc.max_receive_message_length", 4 * 2**20)],
+            # who may call first (auth), then whether the bytes are a request at all (parse guard)
+            interceptors=[AuthInterceptor(policy, on_refusal=self.metrics.request_failed),
+                          RequestParseGuard(on_refused=self._count_unparsed)],
+            # uploads arrive in chunks of at most 1 MiB, under the request limit (1 MiB at least)
+            options=[("grpc.max_receive_message_length", cfg.max_request_bytes)],
         )
         lorad_pb2_grpc.add_GeneratorServicer_to_server(self.service, self.server)
         lorad_pb2_grpc.add_AdapterManagerServicer_to_server(self.admin, self.server)
@@ -134,6 +136,10 @@ class LoradServer:
             cfg.engine.max_loras, cfg.engine.max_lora_rank,
         )
         return self.port
+
+    def _count_unparsed(self, method: str) -> None:
+        if method.startswith(f"/{SERVICE_NAME}/"):
+            self.metrics.request_failed("invalid_argument")
 
     async def _sync_health(self) -> None:
         """gRPC health follows readiness (after a graceful shutdown began, set() is a no-op)."""

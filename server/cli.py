@@ -59,6 +59,11 @@ def _default(name: str):
               help="Used when a request leaves max_new_tokens at 0.")
 @click.option("--lora-backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", show_default=True,
               help="Multi-adapter LoRA ops: Triton kernels on CUDA, the PyTorch path on CPU (auto).")
+@click.option("--max-request-bytes", default=f"{_default('max_request_bytes') // 2**20}MiB", show_default=True,
+              help="Largest request message accepted; bigger ones get RESOURCE_EXHAUSTED.")
+@click.option("--max-unsent-chunks", type=int, default=_default("max_unsent_chunks"), show_default=True,
+              help="Chunks a streaming client may leave unread before its request is cancelled "
+                   "(RESOURCE_EXHAUSTED), so a stalled client never holds a batch row.")
 @click.option("--admin-token-file", type=click.Path(dir_okay=False), default=None,
               help="File holding the bearer token AdapterManager calls need (load, unload, upload, delete...). "
                    "Without it, adapter management is allowed only when the server listens on loopback.")
@@ -83,8 +88,8 @@ def _default(name: str):
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def serve(base, quant, device, adapters_dir, host, port, metrics_port, max_loras, max_cpu_loras, max_lora_rank,
           max_batch_size, max_seq_len, kv_cache_memory, max_prefill_tokens, max_queue, default_max_new_tokens,
-          lora_backend, admin_token_file, api_token_file, tls_cert, tls_key, tls_client_ca, max_upload_bytes,
-          grace_seconds, drain_seconds, metrics_adapter_ids, log_level):
+          lora_backend, max_request_bytes, max_unsent_chunks, admin_token_file, api_token_file, tls_cert, tls_key,
+          tls_client_ca, max_upload_bytes, grace_seconds, drain_seconds, metrics_adapter_ids, log_level):
     """Serve one base model and every adapter in --adapters over gRPC (lorad.v1.Generator).
 
     \b
@@ -103,6 +108,8 @@ def serve(base, quant, device, adapters_dir, host, port, metrics_port, max_loras
             metrics_port=None if metrics_port is not None and metrics_port < 0 else metrics_port,
             adapters_dir=adapters_dir,
             grace_seconds=grace_seconds,
+            max_request_bytes=max_request_bytes,
+            max_unsent_chunks=max_unsent_chunks,
             admin_token_file=admin_token_file,
             api_token_file=api_token_file,
             tls_cert=tls_cert,

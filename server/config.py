@@ -95,6 +95,10 @@ class ServerConfig:
     metrics_host: str | None = None  # None = same as host
     adapters_dir: str | None = None
     grace_seconds: float = 10.0
+    # the largest request message accepted; bigger ones get RESOURCE_EXHAUSTED from grpc
+    max_request_bytes: int = 4 * 2**20
+    # chunks a streaming client may leave unread before its request is cancelled (RESOURCE_EXHAUSTED)
+    max_unsent_chunks: int = 256
     # on shutdown: seconds to stay up, not ready but still serving, before refusing new calls, so
     # balancers (HAProxy health checks, Kubernetes endpoints) stop routing here first
     drain_seconds: float = 0.0
@@ -116,6 +120,12 @@ class ServerConfig:
         for name in ("grace_seconds", "drain_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative")
+        self.max_request_bytes = parse_bytes(self.max_request_bytes, "max_request_bytes")
+        for name in ("max_request_bytes", "max_unsent_chunks"):
+            _positive(name, getattr(self, name))
+        if self.max_request_bytes < 2**20 + 2**16:
+            raise ConfigError(f"max_request_bytes: {self.max_request_bytes} is below 1 MiB + 64 KiB, "
+                              "the size of one upload chunk message")
         self.max_upload_bytes = parse_bytes(self.max_upload_bytes, "max_upload_bytes")
         _positive("max_upload_bytes", self.max_upload_bytes)
         if (self.tls_cert is None) != (self.tls_key is None):
