@@ -8,7 +8,15 @@ Validation happens in two stages:
   * `inspect_adapter` reads the config and the safetensors header only (no tensor data):
     every tensor must map to a projection of the base with the right shape, ranks must be
     within the limit, at least one module must match. Cheap enough for listing.
-  * `load_adapter` also reads the tensors and rejects NaN / Inf.
+  * `load_adapter` also reads the tensors (from the same open file as the header) and rejects
+    NaN / Inf.
+
+Everything in an adapter folder is untrusted input (another tenant may have written it), so
+reading is defensive: size caps before any parse, JSON nesting caught, every config field lorad
+uses type-checked, `rank_pattern` / `alpha_pattern` keys matched in linear time (RE2), the
+safetensors header checked entry by entry, files that are links out of the adapters folder or
+not regular files refused. Error messages name the adapter id and the file name, never a
+server path.
 
 Scaling follows PEFT: lora_alpha / r, or lora_alpha / sqrt(r) with `use_rslora`, with
 per-module `rank_pattern` / `alpha_pattern` overrides.
@@ -18,7 +26,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,13 +47,29 @@ _TENSOR_NAME = re.compile(
     r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
 )
 
+# Limits on what is read before anything is parsed. PEFT writes a config of about 1 KB (a
+# per-module rank_pattern of an 80-layer base: about 40 KB) and a header of about 130 bytes per
+# tensor (1,120 tensors for every projection of 80 layers: about 150 KB).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_HEADER_BYTES = 8 << 20
+MAX_JSON_DEPTH = 32
+MAX_PATTERN_KEYS = 2048
+MAX_PATTERN_KEY_CHARS = 512
+MAX_RANK = 1 << 16  # a config value above this is nonsense whatever the server's --max-lora-rank
+
 
 def validate_adapter_id(adapter_id: str) -> None:
     if not ADAPTER_ID_PATTERN.fullmatch(adapter_id or "") or ".." in adapter_id:
         raise ValueError(
-            f"adapter id {adapter_id!r} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', "
+            f"adapter id {shorten(adapter_id)} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
+
+
+def shorten(value, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: error messages quote untrusted values."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -65,7 +91,7 @@ class AdapterSpec:
     target_modules: tuple[str, ...]  # projection names present
     modules: dict[tuple[int, str], ModuleSpec]
     size_bytes: int
-    config: dict = field(repr=False)
+    config: "AdapterConfig" = field(repr=False)
 
 
 @dataclass
@@ -74,95 +100,361 @@ class LoadedAdapter:
     # (layer, proj) -> (A [r, in], B [out, r]) as PEFT stores them, in the file's dtype, on the host
     weights: dict[tuple[int, str], tuple["object", "object"]] = field(repr=False)
     load_seconds: float = 0.0
+    stamp: tuple = ()  # adapter_stamp() of the files this copy was read from
 
     @property
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
 
 
-def _pattern_value(patterns: dict, module_name: str, default):
-    """PEFT's rule: a key matches a module name when the name ends with it (regex allowed)."""
-    for key, value in (patterns or {}).items():
-        if module_name == key or re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return default
+# --- files --------------------------------------------------------------------------------------
 
 
-def _read_config(path: Path, adapter_id: str) -> dict:
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise InvalidAdapterError(f"adapter {adapter_id!r}: {CONFIG_FILE} is missing in {path}")
+def adapter_stamp(path: Path) -> tuple:
+    """Identity of an adapter folder's files as they are now (inode, size, times of the config
+    and the weights, links followed): any replace, rewrite or touch changes it."""
+    out = []
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        try:
+            st = os.stat(Path(path) / name)
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(out)
+
+
+def _open_file(path: Path, name: str, adapter_id: str, root: Path | None):
+    """Open one file of an adapter folder for reading, refusing what is not a regular file and
+    (when `root` is given) what resolves outside `root`: a symlinked file must not let an
+    adapter folder read the server's own files."""
+    file = Path(path) / name
     try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidAdapterError(f"adapter {adapter_id!r}: {CONFIG_FILE} is not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise InvalidAdapterError(f"adapter {adapter_id!r}: {CONFIG_FILE} must hold a JSON object")
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise InvalidAdapterError(f"adapter {adapter_id!r}: peft_type {peft_type} is not supported (only LORA)")
-    unsupported = {
-        "use_dora": "DoRA adapters",
-        "fan_in_fan_out": "fan_in_fan_out (Conv1D) adapters",
-    }
-    for key, what in unsupported.items():
-        if config.get(key):
-            raise InvalidAdapterError(f"adapter {adapter_id!r}: {what} are not supported yet ({key}=true)")
-    if config.get("bias", "none") != "none":
-        raise InvalidAdapterError(f"adapter {adapter_id!r}: bias={config['bias']!r} is not supported (only 'none')")
-    if config.get("modules_to_save"):
-        raise InvalidAdapterError(
-            f"adapter {adapter_id!r}: modules_to_save={config['modules_to_save']} would replace base modules "
-            "per adapter, which cannot share one batch; retrain without modules_to_save"
+        # O_NONBLOCK: opening a FIFO must not hang the reader (it is then refused as not regular)
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise InvalidAdapterError(f"adapter {adapter_id!r}: {name} is missing") from None
+    except OSError as exc:
+        raise InvalidAdapterError(f"adapter {adapter_id!r}: {name} cannot be opened ({exc.strerror})") from None
+    f = os.fdopen(fd, "rb")
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: {name} is not a regular file")
+        if root is not None:
+            # where the open file really is (the /proc link is race-free; realpath is the fallback)
+            try:
+                real = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                real = os.path.realpath(file)
+            root_text = str(root)
+            if os.path.commonpath([root_text, real]) != root_text:
+                raise InvalidAdapterError(
+                    f"adapter {adapter_id!r}: {name} is a link to a file outside the adapters folder; "
+                    "lorad only reads files inside it")
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _read_capped(f, limit: int, what: str, adapter_id: str) -> bytes:
+    data = f.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidAdapterError(f"adapter {adapter_id!r}: {what} is larger than lorad's limit of {limit} bytes")
+    return data
+
+
+def _parse_json(data: bytes, what: str, adapter_id: str):
+    """json.loads with every failure a sentence: syntax, bad UTF-8, nesting deeper than the
+    interpreter's recursion limit, integers of thousands of digits."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise InvalidAdapterError(f"adapter {adapter_id!r}: {what} is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise InvalidAdapterError(f"adapter {adapter_id!r}: {what} is not valid JSON ({str(exc)[:120]})") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise InvalidAdapterError(f"adapter {adapter_id!r}: {what} is nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def _depth(value) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+# --- adapter_config.json ------------------------------------------------------------------------
+
+
+class PatternTable:
+    r"""rank_pattern / alpha_pattern: module name -> value by PEFT's rule: a key matches a module
+    when the name ends with it, read as a regex (`(.*\.)?(key)$`); the first matching key in
+    file order wins.
+
+    Python's `re` backtracks: a key such as `(\w*\.?\w*)*Z` takes exponential time, holding the
+    interpreter lock, so one adapter folder could freeze every request and health check. Keys
+    are matched with RE2 instead (google-re2: time linear in the input), all keys in one pass;
+    keys RE2 cannot run in linear time (look-around, back-references) are refused.
+    """
+
+    def __init__(self, field_name: str, items: list[tuple[str, object]], adapter_id: str):
+        import re2
+
+        self.keys = [k for k, _ in items]
+        self.values = [v for _, v in items]
+        self._set = None
+        if not items:
+            return
+        options = re2.Options()
+        options.log_errors = False
+        options.max_mem = 64 << 20
+        self._set = re2.Set.MatchSet(options)
+        for key in self.keys:
+            try:
+                re2.compile(key, options)  # alone first: a key must be a whole regex, not a fragment
+                self._set.Add(rf"(?:.*\.)?(?:{key})$")
+            except re2.error:
+                raise InvalidAdapterError(
+                    f"adapter {adapter_id!r}: {field_name} key {shorten(key)} is not a regular expression lorad "
+                    "can match (RE2 syntax: no look-around or back-references)") from None
+        if self._set.Compile() is False:
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: {field_name} is too large to match")
+
+    def value_for(self, module_name: str, default):
+        if self._set is None:
+            return default
+        hits = self._set.Match(module_name) or []
+        exact = [i for i, key in enumerate(self.keys) if key == module_name]
+        first = min([*hits, *exact], default=None)
+        return default if first is None else self.values[first]
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The fields of adapter_config.json that lorad acts on, each type-checked; PEFT writes
+    many more, which are ignored."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    rank_pattern: PatternTable
+    alpha_pattern: PatternTable
+
+    @classmethod
+    def parse(cls, raw, adapter_id: str) -> "AdapterConfig":
+        def bad(name: str, why: str) -> InvalidAdapterError:
+            return InvalidAdapterError(f"adapter {adapter_id!r}: {CONFIG_FILE}: {name}={shorten(raw.get(name))} {why}")
+
+        if not isinstance(raw, dict):
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: {CONFIG_FILE} must hold a JSON object")
+        peft_type = raw.get("peft_type", "LORA")
+        if not isinstance(peft_type, str):
+            raise bad("peft_type", "must be a string")
+        if peft_type.upper() != "LORA":
+            raise InvalidAdapterError(
+                f"adapter {adapter_id!r}: peft_type {shorten(peft_type)} is not supported (only LORA)")
+        flags = {}
+        for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+            value = raw.get(key)
+            if value is not None and not isinstance(value, bool):
+                raise bad(key, "must be true or false")
+            flags[key] = bool(value)
+        for key, what in (("use_dora", "DoRA adapters"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D) adapters")):
+            if flags[key]:
+                raise InvalidAdapterError(f"adapter {adapter_id!r}: {what} are not supported yet ({key}=true)")
+        bias = raw.get("bias", "none")
+        if bias is not None and not isinstance(bias, str):
+            raise bad("bias", "must be a string")
+        if bias not in (None, "none"):
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: bias={shorten(bias)} is not supported (only 'none')")
+        modules_to_save = raw.get("modules_to_save")
+        if modules_to_save is not None and not _is_str_list(modules_to_save):
+            raise bad("modules_to_save", "must be null or a list of module names")
+        if modules_to_save:
+            raise InvalidAdapterError(
+                f"adapter {adapter_id!r}: modules_to_save={shorten(modules_to_save)} would replace base modules "
+                "per adapter, which cannot share one batch; retrain without modules_to_save"
+            )
+        if raw.get("layer_replication") is not None:
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: layer_replication is not supported")
+        target = raw.get("target_modules")
+        if target is not None and not isinstance(target, str) and not _is_str_list(target):
+            raise bad("target_modules", "must be null, a string or a list of strings")
+        r = raw.get("r", 8)
+        if not _is_rank(r):
+            raise bad("r", f"must be a positive whole number up to {MAX_RANK}")
+        alpha = raw.get("lora_alpha", 8)
+        if not _is_positive_number(alpha):
+            raise bad("lora_alpha", "must be a positive, finite number")
+        return cls(
+            r=int(r),
+            lora_alpha=float(alpha),
+            use_rslora=flags["use_rslora"],
+            rank_pattern=_pattern_table(raw, "rank_pattern", _is_rank, f"positive whole numbers up to {MAX_RANK}",
+                                        adapter_id),
+            alpha_pattern=_pattern_table(raw, "alpha_pattern", _is_positive_number, "positive, finite numbers",
+                                         adapter_id),
         )
-    for key in ("r", "lora_alpha"):
-        value = config.get(key, 8)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise InvalidAdapterError(f"adapter {adapter_id!r}: {key}={value!r} must be a positive number")
-    return config
 
 
-def inspect_adapter(
-    path: Path, adapter_id: str, geometry: ModelGeometry, max_rank: int
-) -> AdapterSpec:
-    """Validate an adapter folder from its config and safetensors header (no tensor data)."""
-    from safetensors import safe_open
+def _is_str_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
-    path = Path(path)
-    config = _read_config(path, adapter_id)
-    weights_path = path / WEIGHTS_FILE
-    if not weights_path.is_file():
-        pickled = [name for name in PICKLE_FILES if (path / name).exists()]
+
+def _is_rank(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) and value == int(value) and 1 <= value <= MAX_RANK
+
+
+def _is_positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _pattern_table(raw: dict, name: str, check, what: str, adapter_id: str) -> PatternTable:
+    table = raw.get(name)
+    if table is None:
+        table = {}
+    if not isinstance(table, dict):
+        raise InvalidAdapterError(f"adapter {adapter_id!r}: {CONFIG_FILE}: {name} must be an object of "
+                                  f"module-name patterns, got a JSON {type(table).__name__}")
+    if len(table) > MAX_PATTERN_KEYS:
+        raise InvalidAdapterError(
+            f"adapter {adapter_id!r}: {CONFIG_FILE}: {name} has {len(table)} keys, more than lorad's limit of "
+            f"{MAX_PATTERN_KEYS}")
+    items = []
+    for key, value in table.items():
+        if not key or len(key) > MAX_PATTERN_KEY_CHARS:
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: {CONFIG_FILE}: {name} key {shorten(key)} must have "
+                                      f"1 to {MAX_PATTERN_KEY_CHARS} characters")
+        if not check(value):
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: {CONFIG_FILE}: {name}[{shorten(key)}]={shorten(value)}: "
+                                      f"values must be {what}")
+        items.append((key, value))
+    return PatternTable(name, items, adapter_id)
+
+
+def read_config(path: Path, adapter_id: str, root: Path | None = None) -> AdapterConfig:
+    with _open_file(path, CONFIG_FILE, adapter_id, root) as f:
+        data = _read_capped(f, MAX_CONFIG_BYTES, CONFIG_FILE, adapter_id)
+    return AdapterConfig.parse(_parse_json(data, CONFIG_FILE, adapter_id), adapter_id)
+
+
+# --- adapter_model.safetensors ------------------------------------------------------------------
+
+# safetensors dtype -> (numpy dtype read from the file, torch dtype of the tensor, bytes)
+_FLOAT_DTYPES = {"F32": ("float32", "float32", 4), "F16": ("float16", "float16", 2),
+                 "F64": ("float64", "float64", 8), "BF16": ("uint16", "bfloat16", 2)}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # byte offsets into the data section
+    end: int
+
+
+def _read_header(f, adapter_id: str, max_tensors: int) -> tuple[dict[str, TensorEntry], int]:
+    """The safetensors header of an open file: (tensor name -> entry, offset of the data section).
+
+    Format: 8-byte little-endian header length N, N bytes of JSON, then the data section, which
+    the entries' data_offsets must cover exactly, without gaps or overlaps (what the safetensors
+    library itself requires). Checked here entry by entry, so a lying header never reaches a
+    read of the data.
+    """
+    def bad(why: str) -> InvalidAdapterError:
+        return InvalidAdapterError(f"adapter {adapter_id!r}: {WEIGHTS_FILE} is not a readable safetensors file: it {why}")
+
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    if len(head) < 8:
+        raise bad("is too short to hold a header")
+    n = int.from_bytes(head, "little")
+    if n > MAX_HEADER_BYTES:
+        raise bad(f"declares a header of {n} bytes, more than lorad's limit of {MAX_HEADER_BYTES}")
+    if 8 + n > size:
+        raise bad("is shorter than its declared header")
+    header = _parse_json(f.read(n), f"{WEIGHTS_FILE} header", adapter_id)
+    if not isinstance(header, dict):
+        raise bad("has a header that is not a JSON object")
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if len(entries) >= max_tensors:
+            raise bad(f"holds more than {max_tensors} tensors, more than any adapter of this base can have")
+        if not isinstance(info, dict):
+            raise bad(f"has a malformed entry for tensor {shorten(name)}")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _FLOAT_DTYPES:
+            raise bad(f"holds tensor {shorten(name)} of dtype {shorten(dtype)}, not a float type (F16, BF16, F32, F64)")
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(_is_count(d) for d in shape)):
+            raise bad(f"has a malformed shape for tensor {shorten(name)}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise bad(f"has malformed data_offsets for tensor {shorten(name)}")
+        start, end = offsets
+        if end - start != math.prod(shape) * _FLOAT_DTYPES[dtype][2]:
+            raise bad(f"has data_offsets that do not match the shape and dtype of tensor {shorten(name)}")
+        entries[name] = TensorEntry(dtype, tuple(shape), start, end)
+    position = 0
+    for entry in sorted(entries.values(), key=lambda e: (e.start, e.end)):
+        if entry.start != position:
+            raise bad("has tensors whose data overlap or leave gaps")
+        position = entry.end
+    if 8 + n + position != size:
+        raise bad(f"is {size} bytes but its header describes {8 + n + position}")
+    return entries, 8 + n
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 50
+
+
+def _max_tensors(geometry: ModelGeometry) -> int:
+    """A bound on header entries worth reading: 4x what the base's projections can use (so a few
+    extra tensors still get the error that names them)."""
+    return 4 * 2 * len(PROJECTIONS) * geometry.num_layers + 16
+
+
+def _check_weights_present(path: Path, adapter_id: str) -> None:
+    if not (Path(path) / WEIGHTS_FILE).exists():
+        pickled = [name for name in PICKLE_FILES if (Path(path) / name).exists()]
         if pickled:
             raise InvalidAdapterError(
                 f"adapter {adapter_id!r} has only {pickled[0]}: lorad never unpickles weights; re-save it with "
                 "PEFT's save_pretrained (safe_serialization is the default) to get adapter_model.safetensors"
             )
-        raise InvalidAdapterError(f"adapter {adapter_id!r}: {WEIGHTS_FILE} is missing in {path}")
-    try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise InvalidAdapterError(f"adapter {adapter_id!r}: {WEIGHTS_FILE} is not a readable safetensors file ({exc})") from exc
 
-    default_r, default_alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    use_rslora = bool(config.get("use_rslora", False))
+
+def _build_spec(path: Path, adapter_id: str, config: AdapterConfig, entries: dict[str, TensorEntry], size: int,
+                geometry: ModelGeometry, max_rank: int) -> AdapterSpec:
     halves: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
-    for name, shape in shapes.items():
+    for name, entry in entries.items():
         m = _TENSOR_NAME.match(name)
         if m is None:
             raise InvalidAdapterError(
-                f"adapter {adapter_id!r}: tensor {name!r} does not map to a LoRA A/B matrix of a Llama projection "
-                f"({', '.join(PROJECTIONS)})"
+                f"adapter {adapter_id!r}: tensor {shorten(name)} does not map to a LoRA A/B matrix of a Llama "
+                f"projection ({', '.join(PROJECTIONS)})"
             )
         layer, proj, half = int(m.group(1)), m.group(2), m.group(3)
         if proj not in PROJECTIONS:
-            raise InvalidAdapterError(f"adapter {adapter_id!r}: tensor {name!r} targets {proj!r}, not one of {', '.join(PROJECTIONS)}")
+            raise InvalidAdapterError(
+                f"adapter {adapter_id!r}: tensor {shorten(name)} targets {shorten(proj)}, not one of {', '.join(PROJECTIONS)}")
         if layer >= geometry.num_layers:
             raise InvalidAdapterError(
-                f"adapter {adapter_id!r}: tensor {name!r} targets layer {layer} but the base has {geometry.num_layers} layers"
+                f"adapter {adapter_id!r}: tensor {shorten(name)} targets layer {layer} but the base has "
+                f"{geometry.num_layers} layers"
             )
-        halves.setdefault((layer, proj), {})[half] = shape
+        if half in halves.setdefault((layer, proj), {}):
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: layers.{layer}.{proj} has two lora_{half} tensors")
+        halves[(layer, proj)][half] = entry.shape
 
     if not halves:
         raise InvalidAdapterError(f"adapter {adapter_id!r}: no LoRA tensor matches a module of the base")
@@ -181,7 +473,7 @@ def inspect_adapter(
             )
         rank = a_shape[0]
         module_name = f"model.layers.{layer}.{'self_attn' if proj in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{proj}"
-        expected_rank = _pattern_value(config.get("rank_pattern"), module_name, default_r)
+        expected_rank = config.rank_pattern.value_for(module_name, config.r)
         if rank != expected_rank:
             raise InvalidAdapterError(
                 f"adapter {adapter_id!r}: {where} has rank {rank} but adapter_config.json says {expected_rank}"
@@ -191,101 +483,88 @@ def inspect_adapter(
                 f"adapter {adapter_id!r}: {where} has rank {rank}, above this server's limit of {max_rank} "
                 f"(restart with --max-lora-rank {rank} or more)"
             )
-        alpha = _pattern_value(config.get("alpha_pattern"), module_name, default_alpha)
-        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        alpha = config.alpha_pattern.value_for(module_name, config.lora_alpha)
+        scale = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        if not 0 < scale <= _FLOAT32_MAX:  # the slot stores it as float32: inf there is NaN later
+            raise InvalidAdapterError(
+                f"adapter {adapter_id!r}: {where} has scaling {scale:g} (lora_alpha / r), which float32 cannot hold")
         modules[(layer, proj)] = ModuleSpec(layer, proj, rank, float(scale))
 
     return AdapterSpec(
         adapter_id=adapter_id,
-        path=path,
+        path=Path(path),
         rank=max(m.rank for m in modules.values()),
-        lora_alpha=float(default_alpha),
+        lora_alpha=config.lora_alpha,
         target_modules=tuple(p for p in PROJECTIONS if any(k[1] == p for k in modules)),
         modules=modules,
-        size_bytes=weights_path.stat().st_size,
+        size_bytes=size,
         config=config,
     )
 
 
-def load_adapter(path: Path, adapter_id: str, geometry: ModelGeometry, max_rank: int) -> LoadedAdapter:
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def inspect_adapter(
+    path: Path, adapter_id: str, geometry: ModelGeometry, max_rank: int, root: Path | None = None
+) -> AdapterSpec:
+    """Validate an adapter folder from its config and safetensors header (no tensor data).
+
+    root: when given, every file read must lie inside it once links are followed.
+    """
+    config = read_config(path, adapter_id, root)
+    _check_weights_present(path, adapter_id)
+    with _open_file(path, WEIGHTS_FILE, adapter_id, root) as f:
+        entries, _ = _read_header(f, adapter_id, _max_tensors(geometry))
+        size = os.fstat(f.fileno()).st_size
+    return _build_spec(path, adapter_id, config, entries, size, geometry, max_rank)
+
+
+def load_adapter(path: Path, adapter_id: str, geometry: ModelGeometry, max_rank: int,
+                 root: Path | None = None) -> LoadedAdapter:
     """Validate (header, then values) and read an adapter into host tensors (the file's dtype).
 
+    Header and data come from one open file, so a weights file replaced meanwhile cannot pair
+    one file's ranks with another's tensors.
     Tensors are read with numpy, not torch ops: this runs on the server's loader thread, which
     must not start OpenMP work of its own (lorad.server.model_thread explains why).
     """
-    spec = inspect_adapter(path, adapter_id, geometry, max_rank)
-    tensors = _read_safetensors(Path(path) / WEIGHTS_FILE, adapter_id)
-    grouped: dict[tuple[int, str], dict[str, object]] = {}
+    config = read_config(path, adapter_id, root)
+    _check_weights_present(path, adapter_id)
+    with _open_file(path, WEIGHTS_FILE, adapter_id, root) as f:
+        entries, data_start = _read_header(f, adapter_id, _max_tensors(geometry))
+        size = os.fstat(f.fileno()).st_size
+        spec = _build_spec(path, adapter_id, config, entries, size, geometry, max_rank)
+        tensors = _read_tensors(f, entries, data_start, size, adapter_id)
+    weights: dict[tuple[int, str], list] = {}
     for name, tensor in tensors.items():
         m = _TENSOR_NAME.match(name)
-        assert m is not None, name  # inspect_adapter accepted every name
-        grouped.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
-    weights = {key: (pair.get("A"), pair.get("B")) for key, pair in grouped.items()}
-    _check_matches_spec(weights, spec, geometry)
-    return LoadedAdapter(spec=spec, weights=weights)
+        assert m is not None, name  # _build_spec accepted every name
+        weights.setdefault((int(m.group(1)), m.group(2)), [None, None])["AB".index(m.group(3))] = tensor
+    return LoadedAdapter(spec=spec, weights={key: (a, b) for key, (a, b) in weights.items()})
 
 
-def _check_matches_spec(weights: dict, spec: AdapterSpec, geometry: ModelGeometry) -> None:
-    """The tensors read must be those the header check saw: the file is opened twice, and a
-    trainer may replace it in between (ranks and scales come from the first look)."""
-    changed = InvalidAdapterError(
-        f"adapter {spec.adapter_id!r}: {WEIGHTS_FILE} changed while it was being read; retry the request")
-    if set(weights) != set(spec.modules):
-        raise changed
-    for key, (a, b) in weights.items():
-        in_f, out_f = geometry.projection_shape(key[1])
-        rank = spec.modules[key].rank
-        if a is None or b is None or tuple(a.shape) != (rank, in_f) or tuple(b.shape) != (out_f, rank):
-            raise changed
-
-
-# safetensors dtype -> (numpy dtype read from the file, torch dtype of the tensor)
-_FLOAT_DTYPES = {"F32": ("float32", "float32"), "F16": ("float16", "float16"), "F64": ("float64", "float64"),
-                 "BF16": ("uint16", "bfloat16")}
-
-
-def _read_safetensors(path: Path, adapter_id: str) -> dict:
-    """A minimal safetensors reader (8-byte header length, JSON header, raw little-endian data)
-    that checks every value is finite without running torch ops."""
+def _read_tensors(f, entries: dict[str, TensorEntry], data_start: int, size: int, adapter_id: str) -> dict:
+    """The tensors of a checked header (size is bounded by the shapes _build_spec accepted),
+    each checked to be finite without running torch ops."""
     import numpy as np
     import torch
 
-    def bad(why: str) -> InvalidAdapterError:
-        return InvalidAdapterError(f"adapter {adapter_id!r}: {WEIGHTS_FILE} {why}")
-
-    data = bytearray(path.stat().st_size)  # writable, so tensors can share it; one copy in memory
-    with open(path, "rb") as f:
-        if f.readinto(data) != len(data):
-            raise bad("changed size while being read")
-    if len(data) < 8:
-        raise bad("is truncated")
-    header_len = int.from_bytes(data[:8], "little")
-    try:
-        header = json.loads(data[8 : 8 + header_len])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad(f"has an unreadable header ({exc})") from exc
-    base = 8 + header_len
+    data = bytearray(size - data_start)  # writable, so tensors can share it; one copy in memory
+    f.seek(data_start)
+    if f.readinto(data) != len(data):
+        raise InvalidAdapterError(f"adapter {adapter_id!r}: {WEIGHTS_FILE} changed size while being read; retry")
     tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = info.get("dtype")
-        if dtype not in _FLOAT_DTYPES:
-            raise bad(f"holds tensor {name!r} of dtype {dtype}, not a float type")
-        np_dtype, torch_dtype = _FLOAT_DTYPES[dtype]
-        shape = [int(d) for d in info["shape"]]
-        start, end = (int(o) for o in info["data_offsets"])
-        count = math.prod(shape)
-        itemsize = np.dtype(np_dtype).itemsize
-        if end - start != count * itemsize or base + end > len(data):
-            raise bad(f"has inconsistent offsets for tensor {name!r}")
-        array = np.frombuffer(data, dtype=np.dtype(np_dtype).newbyteorder("<"), count=count, offset=base + start)
-        if dtype == "BF16":
+    for name, entry in entries.items():
+        np_dtype, torch_dtype, _ = _FLOAT_DTYPES[entry.dtype]
+        count = math.prod(entry.shape)
+        array = np.frombuffer(data, dtype=np.dtype(np_dtype).newbyteorder("<"), count=count, offset=entry.start)
+        if entry.dtype == "BF16":
             finite = not np.any((array & 0x7F80) == 0x7F80)  # exponent all ones: Inf or NaN
         else:
             finite = bool(np.isfinite(array).all())
         if not finite:
-            raise InvalidAdapterError(f"adapter {adapter_id!r}: tensor {name!r} holds NaN or Inf values")
-        tensor = torch.from_numpy(array.reshape(shape))
-        tensors[name] = tensor.view(getattr(torch, torch_dtype)) if dtype == "BF16" else tensor
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: tensor {shorten(name)} holds NaN or Inf values")
+        tensor = torch.from_numpy(array.reshape(entry.shape))
+        tensors[name] = tensor.view(getattr(torch, torch_dtype)) if entry.dtype == "BF16" else tensor
     return tensors

@@ -33,6 +33,10 @@ class QueueFullError(LoradError):
     """The server's bounded request queue is full; retry later."""
 
 
+class ClientTooSlowError(LoradError):
+    """A streaming client did not read its responses; its request was cancelled."""
+
+
 class DeadlineExceededError(LoradError):
     """The request's deadline passed before it finished."""
 

@@ -27,7 +27,7 @@ from lorad.server.adapter_service import AdapterManagerService
 from lorad.server.auth import AuthInterceptor, is_loopback, policy_from, server_credentials
 from lorad.server.config import ServerConfig
 from lorad.server.engine import Engine
-from lorad.server.grpc_service import GeneratorService
+from lorad.server.grpc_service import GeneratorService, RequestParseGuard
 from lorad.server.metrics import Metrics
 from lorad.server.model_thread import ModelThread
 
@@ -43,7 +43,7 @@ class LoradServer:
         self.config = config
         self._preloaded = base
         self.metrics = Metrics()
-        self.service = GeneratorService(config.base.name)
+        self.service = GeneratorService(config.base.name, config.max_unsent_chunks)
         self.admin = AdapterManagerService(config.adapters_dir, UploadLimits(max_bytes=config.max_upload_bytes))
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -58,9 +58,10 @@ class LoradServer:
         cfg = self.config
         policy = policy_from(cfg.admin_token_file, cfg.api_token_file, cfg.host)
         self.server = grpc.aio.server(
-            interceptors=[AuthInterceptor(policy, on_refusal=self.metrics.request_failed)],
-            # uploads arrive in chunks of at most 1 MiB; 4 MiB is gRPC's default receive limit
-            options=[("grpc.max_receive_message_length", 4 * 2**20)],
+            interceptors=[AuthInterceptor(policy, on_refusal=self.metrics.request_failed),
+                          RequestParseGuard(on_refused=self._count_unparsed)],
+            # uploads arrive in chunks of 1 MiB, under the request limit
+            options=[("grpc.max_receive_message_length", cfg.max_request_bytes)],
         )
         lorad_pb2_grpc.add_GeneratorServicer_to_server(self.service, self.server)
         lorad_pb2_grpc.add_AdapterManagerServicer_to_server(self.admin, self.server)
@@ -121,6 +122,10 @@ class LoradServer:
             cfg.engine.max_loras, cfg.engine.max_lora_rank,
         )
         return self.port
+
+    def _count_unparsed(self, method: str) -> None:
+        if method.startswith(f"/{SERVICE_NAME}/"):
+            self.metrics.request_failed("invalid_argument")
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

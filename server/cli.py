@@ -70,13 +70,18 @@ def _default(name: str):
               help="PEM CA: require client certificates it signed (mTLS).")
 @click.option("--max-upload-bytes", default=f"{_default('max_upload_bytes') / 2**30:g}GiB", show_default=True,
               help="Largest adapter upload accepted (all files together).")
+@click.option("--max-request-bytes", default=f"{_default('max_request_bytes') // 2**20}MiB", show_default=True,
+              help="Largest request message accepted; bigger ones get RESOURCE_EXHAUSTED.")
+@click.option("--max-unsent-chunks", type=int, default=_default("max_unsent_chunks"), show_default=True,
+              help="Chunks a streaming client may leave unread before its request is cancelled "
+                   "(RESOURCE_EXHAUSTED), so a stalled client never holds a batch row.")
 @click.option("--grace", "grace_seconds", type=float, default=_default("grace_seconds"), show_default=True,
               help="Seconds in-flight requests get to finish on shutdown.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def serve(base, quant, device, adapters_dir, host, port, metrics_port, max_loras, max_cpu_loras, max_lora_rank,
           max_batch_size, max_seq_len, kv_cache_memory, max_prefill_tokens, max_queue, default_max_new_tokens,
           lora_backend, admin_token_file, api_token_file, tls_cert, tls_key, tls_client_ca, max_upload_bytes,
-          grace_seconds, log_level):
+          max_request_bytes, max_unsent_chunks, grace_seconds, log_level):
     """Serve one base model and every adapter in --adapters over gRPC (lorad.v1.Generator).
 
     \b
@@ -101,6 +106,8 @@ def serve(base, quant, device, adapters_dir, host, port, metrics_port, max_loras
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,
             max_upload_bytes=max_upload_bytes,
+            max_request_bytes=max_request_bytes,
+            max_unsent_chunks=max_unsent_chunks,
             base=BaseModelConfig(name=base, quant=quant, device=device),
             engine=EngineConfig(
                 max_loras=max_loras,

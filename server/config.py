@@ -95,6 +95,10 @@ class ServerConfig:
     metrics_host: str | None = None  # None = same as host
     adapters_dir: str | None = None
     grace_seconds: float = 10.0
+    # the largest request message accepted; bigger ones get RESOURCE_EXHAUSTED from grpc
+    max_request_bytes: int = 4 * 2**20
+    # chunks a streaming client may leave unread before its request is cancelled (RESOURCE_EXHAUSTED)
+    max_unsent_chunks: int = 256
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     admin_token_file: str | None = None
@@ -111,6 +115,9 @@ class ServerConfig:
             raise ConfigError(f"metrics_port: {self.metrics_port} is outside 0-65535")
         if self.grace_seconds < 0:
             raise ConfigError("grace_seconds: must not be negative")
+        self.max_request_bytes = parse_bytes(self.max_request_bytes, "max_request_bytes")
+        for name in ("max_request_bytes", "max_unsent_chunks"):
+            _positive(name, getattr(self, name))
         self.max_upload_bytes = parse_bytes(self.max_upload_bytes, "max_upload_bytes")
         _positive("max_upload_bytes", self.max_upload_bytes)
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -12,7 +12,11 @@ One thread owns the model. Each iteration it
 
 A request never waits for another to finish: it joins at the next step and leaves when done.
 Requests are laid out in the batch grouped by adapter slot, which is what makes the LoRA ops
-cheap (lorad.kernels). Errors in one request end that request, never the loop.
+cheap (lorad.kernels). Errors in one request end that request, never the loop, and never
+another request: a row that cannot be sampled (non-finite logits) fails alone, a request that
+leaves zeroes the cache positions it wrote (so no NaN of a hostile adapter meets a later
+occupant of the row through a masked attention product), and an adapter whose files changed
+on disk is read again rather than served from a stale copy.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from lorad.adapter_format import shorten
 from lorad.base_model import LoadedBase
 from lorad.errors import (
     AdapterNotFoundError,
@@ -90,6 +95,7 @@ class Request:
     cancelled: bool = False
     looked_up: bool = False  # adapter cache lookups are counted once per request
     last_token_at: float = 0.0
+    kv_extent: int = 0  # cache positions of its row this request has written (zeroed when it leaves)
 
     @property
     def prefilling(self) -> bool:
@@ -148,7 +154,10 @@ class Engine:
         self._load_errors: dict[str, LoradError] = {}
         self._waiting: deque[Request] = deque()
         self._num_waiting = 0  # len(_waiting), published under _cv for submit's queue limit
+        self._num_running = 0  # len(_running), likewise
         self._running: list[Request] = []  # index = cache row
+        self._slot_stamps: dict[str, tuple] = {}  # adapter id -> stamp of the files its device slot holds
+        self._max_token_chars: int | None = None
         self._stop = False
         self._running_loop = None  # the Thread or Future running _loop
         self.on_exit: Callable[[], None] | None = None  # called (on the loop's thread) once the loop has ended
@@ -198,12 +207,35 @@ class Engine:
         if messages:
             for i, m in enumerate(messages):
                 if m.get("role") not in ("system", "user", "assistant"):
-                    raise InvalidRequestError(f"messages[{i}].role: {m.get('role')!r} is not system, user or assistant")
+                    raise InvalidRequestError(
+                        f"messages[{i}].role: {shorten(m.get('role'))} is not system, user or assistant")
+        self._check_text_fits(prompt or "".join(str(m.get("content", "")) for m in messages))
+        if messages:
             if getattr(self.tokenizer, "chat_template", None) is None:
                 raise InvalidRequestError("this base has no chat template; send a raw prompt instead")
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(self.tokenizer(prompt)["input_ids"])
+
+    def _check_text_fits(self, text: str) -> None:
+        """Refuse text that cannot fit the context before tokenizing it (a 4 MB prompt costs
+        seconds and hundreds of MB to tokenize). No token stands for more input characters than
+        its own string in the vocabulary has, so a text longer than (context + 1) times the
+        longest token string holds more tokens than the context; a normalizer may shorten the
+        text first, hence the margin of 4 when the tokenizer has one."""
+        if len(text) <= 16 * self.max_seq_len:  # cheap: most prompts stop here
+            return
+        if self._max_token_chars is None:
+            longest = max(map(len, self.tokenizer.get_vocab()), default=1)
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            normalizes = backend is None or backend.normalizer is not None
+            self._max_token_chars = longest * (4 if normalizes else 1)
+        limit = (self.max_seq_len + 1) * self._max_token_chars
+        if len(text) > limit:
+            raise InvalidRequestError(
+                f"prompt: {len(text)} characters cannot fit this server's context of {self.max_seq_len} tokens "
+                f"(anything over {limit} characters is refused before tokenizing)"
+            )
 
     def submit(
         self,
@@ -246,9 +278,11 @@ class Engine:
         with self._cv:
             if self._stop:
                 raise EngineStoppedError("the engine is shutting down")
-            # _waiting belongs to the engine thread; _num_waiting is its size as of the last
-            # loop iteration (or larger), kept under the lock
-            if self._num_waiting + len(self._inbox) >= self.config.max_queue:
+            # _waiting and _running belong to the engine thread; _num_waiting / _num_running are
+            # their sizes as of the last loop iteration, kept under the lock. Requests not yet
+            # running may fill the free batch rows and then max_queue places beyond them.
+            free_rows = self.kv.rows - self._num_running
+            if self._num_waiting + len(self._inbox) >= self.config.max_queue + free_rows:
                 raise QueueFullError(
                     f"the request queue is full ({self.config.max_queue} waiting); retry later"
                 )
@@ -283,21 +317,32 @@ class Engine:
     # --- adapters ---------------------------------------------------------------------------
 
     def list_adapters(self) -> list[AdapterStatus]:
+        """Every adapter folder with its state; a broken one is listed with its error, it never
+        fails the listing."""
         out = []
         for adapter_id in self.store.list_ids():
-            if self.pool.lookup(adapter_id) is not None:
-                location = "device"
-            elif self.store.in_host(adapter_id):
-                location = "host"
-            else:
-                location = "disk"
             try:
-                spec = self.store.inspect(adapter_id)
-            except (InvalidAdapterError, AdapterNotFoundError) as exc:
-                out.append(AdapterStatus(adapter_id, location, error=str(exc)))
-                continue
-            out.append(AdapterStatus(adapter_id, location, spec.rank, spec.lora_alpha, spec.target_modules, spec.size_bytes))
+                out.append(self._adapter_status(adapter_id))
+            except Exception:  # a bug here must cost one entry, not everyone's listing
+                log.exception("listing adapter %s failed", adapter_id)
+                out.append(AdapterStatus(adapter_id, "disk", error=f"adapter {adapter_id!r} could not be listed; "
+                                                                   "see the server log"))
         return out
+
+    def _adapter_status(self, adapter_id: str) -> AdapterStatus:
+        stamp = self.store.stamp(adapter_id)
+        # a copy read from files that have changed since does not count: it will not serve again
+        if self.pool.lookup(adapter_id) is not None and self._slot_stamps.get(adapter_id) == stamp:
+            location = "device"
+        elif self.store.host_stamp(adapter_id) == stamp:
+            location = "host"
+        else:
+            location = "disk"
+        try:
+            spec = self.store.inspect(adapter_id)
+        except (InvalidAdapterError, AdapterNotFoundError) as exc:
+            return AdapterStatus(adapter_id, location, error=str(exc))
+        return AdapterStatus(adapter_id, location, spec.rank, spec.lora_alpha, spec.target_modules, spec.size_bytes)
 
     def _on_adapter_loaded(self, adapter_id: str, future) -> None:
         exc = future.exception()
@@ -328,10 +373,10 @@ class Engine:
                     self._reap(cancels)
                     self._fail_load_errors(load_errors)
                     self._admit()
-                    with self._cv:
-                        self._num_waiting = len(self._waiting)
+                    self._publish_counts()
                     if self._running:
                         self._step()
+                        self._publish_counts()
                     elif self._waiting:
                         with self._cv:  # waiting only on adapter loads: sleep until one finishes
                             self._cv.wait(timeout=0.05)
@@ -339,6 +384,7 @@ class Engine:
                     log.exception("engine step failed; failing the running requests")
                     for request in list(self._running):
                         self._finish_error(request, LoradError("internal error in the engine step; see the server log"))
+                    self._publish_counts()
         except Exception:  # the handler above failed: the loop cannot go on
             log.critical("engine loop died; failing every request and refusing new ones", exc_info=True)
         finally:  # nobody may be left waiting on a dead loop
@@ -350,6 +396,14 @@ class Engine:
                     self.on_exit()
                 except Exception:  # e.g. the server's event loop is already closed
                     log.debug("engine on_exit hook failed", exc_info=True)
+
+    def _publish_counts(self) -> None:
+        """Running / waiting as of now, for submit's queue limit and the gauges (which must not
+        stay stale on an idle server after cancels and deadlines)."""
+        with self._cv:
+            self._num_waiting = len(self._waiting)
+            self._num_running = len(self._running)
+        self.observer.requests_in_engine(len(self._running), len(self._waiting))
 
     def _shutdown(self) -> None:
         err = EngineStoppedError("the server is shutting down")
@@ -365,6 +419,7 @@ class Engine:
         self._running.clear()
         while self._waiting:
             self._emit_error(self._waiting.popleft(), err)
+        self._publish_counts()
 
     def _expired(self, request: Request, now: float) -> bool:
         return request.cancelled or (request.deadline is not None and now >= request.deadline)
@@ -426,13 +481,14 @@ class Engine:
 
     def _admit_into(self, kept: deque, now: float) -> None:
         slot_blocked = False
+        stamps: dict[str, tuple] = {}  # adapter id -> stamp of its files, read once per pass
         while self._waiting:
             request = self._waiting.popleft()
             if len(self._running) >= self.kv.rows or (slot_blocked and request.adapter_id):
                 kept.append(request)
                 continue
             try:
-                slot = self._acquire_slot(request)
+                slot = self._acquire_slot(request, stamps)
             except Exception as exc:  # e.g. a slot write failed: fail this request, not the queue
                 log.exception("admitting request %d (adapter %s) failed", request.id, request.adapter_id)
                 self.observer.request_failed("adapter")
@@ -449,19 +505,29 @@ class Engine:
             self._running.append(request)
             self.observer.request_admitted(now - request.arrival)
 
-    def _acquire_slot(self, request: Request) -> int | None:
-        """The device slot for a request's adapter (-1 for none), or None if not ready yet."""
+    def _acquire_slot(self, request: Request, stamps: dict[str, tuple]) -> int | None:
+        """The device slot for a request's adapter (-1 for none), or None if not ready yet.
+
+        A slot or host copy read from files that have changed since is not used: the slot is
+        retired (requests running on it finish on it) and the files are read again.
+        """
         adapter_id = request.adapter_id
         if adapter_id is None:
             return -1
         first_try = not request.looked_up
         request.looked_up = True
+        stamp = stamps.get(adapter_id)
+        if stamp is None:
+            stamp = stamps[adapter_id] = self.store.stamp(adapter_id)
+        if self.pool.lookup(adapter_id) is not None and self._slot_stamps.get(adapter_id) != stamp:
+            log.info("adapter %s: files changed on disk; its device slot is retired", adapter_id)
+            self.pool.retire(adapter_id)
         slot = self.pool.acquire_resident(adapter_id)
         if first_try:
             self.observer.adapter_lookup("device", slot is not None)
         if slot is not None:
             return slot
-        adapter = self.store.cached(adapter_id)
+        adapter = self.store.cached(adapter_id, stamp)
         if first_try:
             self.observer.adapter_lookup("host", adapter is not None)
         if adapter is None:
@@ -471,6 +537,7 @@ class Engine:
         started = time.perf_counter()
         slot = self.pool.acquire_load(adapter)
         if slot is not None:
+            self._slot_stamps[adapter_id] = adapter.stamp
             self.observer.adapter_loaded("device", time.perf_counter() - started)
         return slot
 
@@ -516,6 +583,7 @@ class Engine:
                 start = request.total_len - 1
                 ids.append(request.output_ids[-1])
             positions.extend(range(start, start + n))
+            request.kv_extent = max(request.kv_extent, start + n)
             rows.extend([request.row] * n)
             slots.extend([request.slot] * n)
             chunks.append(SeqChunk(row=request.row, start=start, length=n, offset=offset))
@@ -545,51 +613,66 @@ class Engine:
         self.observer.step(num_tokens, len(work), len(self._running), len(self._waiting), time.perf_counter() - started)
 
     def _sample_and_emit(self, sampled: list[Request], logits: torch.Tensor) -> None:
+        """Sample one token per request and hand it on. Each request succeeds or fails alone:
+        a row of non-finite logits, a row that cannot be sampled, or an error while emitting
+        ends that request with an error and leaves every other row of the step untouched."""
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         params = [r.params for r in sampled]
         gens = [r.generator for r in sampled]
         seen = [
             torch.tensor(list(r.seen), dtype=torch.int64) if r.seen is not None else None for r in sampled
         ]
-        tokens = sample_tokens(logits, params, gens, seen)
+        tokens = sample_tokens(logits, params, gens, seen)  # None for a row that cannot be sampled
         logprobs = self._chosen_logprobs(sampled, logits, tokens)
         now = time.monotonic()
         for request, token, ok, logprob in zip(sampled, tokens, finite, logprobs):
-            if not ok:
-                self.observer.request_failed("non_finite")
-                self.kv.clear_row(request.row)  # never let NaN reach a later occupant of the row
-                # with an adapter, the adapter is the suspect (FAILED_PRECONDITION); without, it is ours
-                self._finish_error(
-                    request,
-                    InvalidAdapterError(f"the model produced non-finite logits for this request with adapter "
-                                        f"{request.adapter_id!r}") if request.adapter_id
-                    else LoradError("the model produced non-finite logits for this request; see the server log"),
-                )
-                continue
-            if request.output_ids:
-                self.observer.inter_token(now - request.last_token_at)
-            else:
-                self.observer.first_token(now - request.arrival)
-            request.last_token_at = now
-            if token in self.eos_ids and not request.params.ignore_eos:
-                self._finish(request, FINISH_EOS)
-                continue
-            request.output_ids.append(token)
-            if request.seen is not None:
-                request.seen.add(token)
-            chunk = Event("chunk", text=request.detok.add(token), token_ids=[token])
-            if logprob is not None:
-                request.output_logprobs.append(logprob)
-                chunk.logprobs = [logprob]
-            self._deliver(request, chunk)
-            if request.detok.stopped:
-                self._finish(request, FINISH_STOP)
-            elif len(request.output_ids) >= request.params.max_new_tokens or request.total_len >= self.max_seq_len:
-                self._finish(request, FINISH_LENGTH)
+            try:
+                if not ok:
+                    self.observer.request_failed("non_finite")
+                    # with an adapter, the adapter is the suspect (FAILED_PRECONDITION); without, it is ours
+                    self._finish_error(
+                        request,
+                        InvalidAdapterError(f"the model produced non-finite logits for this request with adapter "
+                                            f"{request.adapter_id!r}") if request.adapter_id
+                        else LoradError("the model produced non-finite logits for this request; see the server log"),
+                    )
+                elif token is None:
+                    self.observer.request_failed("internal")
+                    self._finish_error(request, LoradError("sampling failed for this request; see the server log"))
+                else:
+                    self._emit_token(request, token, logprob, now)
+            except Exception:  # e.g. a detokenizer failure: this request ends, the step goes on
+                log.exception("emitting a token of request %d failed", request.id)
+                self.observer.request_failed("internal")
+                self._finish_error(request, LoradError("internal error while emitting this request's tokens; "
+                                                       "see the server log"))
+
+    def _emit_token(self, request: Request, token: int, logprob: float | None, now: float) -> None:
+        if request.output_ids:
+            self.observer.inter_token(now - request.last_token_at)
+        else:
+            self.observer.first_token(now - request.arrival)
+        request.last_token_at = now
+        if token in self.eos_ids and not request.params.ignore_eos:
+            self._finish(request, FINISH_EOS)
+            return
+        request.output_ids.append(token)
+        if request.seen is not None:
+            request.seen.add(token)
+        chunk = Event("chunk", text=request.detok.add(token), token_ids=[token])
+        if logprob is not None:
+            request.output_logprobs.append(logprob)
+            chunk.logprobs = [logprob]
+        self._deliver(request, chunk)
+        if request.detok.stopped:
+            self._finish(request, FINISH_STOP)
+        elif len(request.output_ids) >= request.params.max_new_tokens or request.total_len >= self.max_seq_len:
+            self._finish(request, FINISH_LENGTH)
 
     @staticmethod
-    def _chosen_logprobs(sampled: list[Request], logits: torch.Tensor, tokens: list[int]) -> list[float | None]:
-        rows = [i for i, r in enumerate(sampled) if r.params.logprobs]
+    def _chosen_logprobs(sampled: list[Request], logits: torch.Tensor,
+                         tokens: list[int | None]) -> list[float | None]:
+        rows = [i for i, r in enumerate(sampled) if r.params.logprobs and tokens[i] is not None]
         out: list[float | None] = [None] * len(sampled)
         if rows:
             index = torch.tensor(rows, device=logits.device)
@@ -602,7 +685,12 @@ class Engine:
     # --- retiring requests ---------------------------------------------------------------------
 
     def _release(self, request: Request) -> None:
-        """Give back the request's cache row (compacting rows) and adapter slot."""
+        """Give back the request's cache row (compacting rows) and adapter slot.
+
+        Cache positions no live request owns are kept at zero: attention reads past a row's
+        length (masked), and a masked 0 x NaN is NaN, so what a request leaves behind (a
+        hostile adapter's overflow, say) must never meet the next occupant of its row.
+        """
         if request.slot >= 0:
             self.pool.release(request.slot)
             request.slot = -1
@@ -611,10 +699,16 @@ class Engine:
         if row != last:
             moved = self._running[last]
             self.kv.move_row(last, row, moved.num_cached)
+            self.kv.clear_span(last, 0, moved.kv_extent)  # the vacated row held moved's copy
+            self.kv.clear_span(row, moved.num_cached, request.kv_extent)  # what is left of request's
+            moved.kv_extent = moved.num_cached
             moved.row = row
             self._running[row] = moved
+        else:
+            self.kv.clear_span(row, 0, request.kv_extent)
         self._running.pop()
         request.row = -1
+        request.kv_extent = 0
 
     def _finish(self, request: Request, reason: str) -> None:
         self._release(request)

@@ -42,6 +42,12 @@ class KVCache:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
+    def clear_span(self, row: int, start: int, end: int) -> None:
+        """Zero positions [start, end) of a row (all layers); nothing when end <= start."""
+        if end > start:
+            self.k[:, row, :, start:end].zero_()
+            self.v[:, row, :, start:end].zero_()
+
     def clear_row(self, row: int) -> None:
         self.k[:, row].zero_()
         self.v[:, row].zero_()

@@ -133,6 +133,8 @@ class Metrics(EngineObserver):
         self.step_duration.observe(seconds)
         self.batch_tokens.observe(num_tokens)
         self.batch_size.observe(num_sequences)
+
+    def requests_in_engine(self, running: int, waiting: int) -> None:
         self.running.set(running)
         self.waiting.set(waiting)
 

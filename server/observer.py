@@ -21,6 +21,9 @@ class EngineObserver:
 
     def step(self, num_tokens: int, num_sequences: int, running: int, waiting: int, seconds: float) -> None: ...
 
+    def requests_in_engine(self, running: int, waiting: int) -> None:
+        """Requests in the running batch and in the queue, after every loop iteration (idle too)."""
+
     def adapter_lookup(self, tier: str, hit: bool) -> None:
         """tier: 'device' (a slot already held it) or 'host' (the host cache held it)."""
 

@@ -76,8 +76,14 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def _sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
-    """logits: [V] float32 on the CPU."""
-    logits = logits / params.temperature
+    """logits: [V] float64 on the CPU, no NaN (+inf may come from a tiny repetition penalty).
+
+    Every accepted temperature is computed safely: the best logit is moved to 0 before dividing,
+    so a tiny temperature sends the others towards -inf (argmax-like) instead of overflowing
+    to inf and NaN; at least one entry stays 0, so the softmax always has mass.
+    """
+    logits = torch.nan_to_num(logits, posinf=torch.finfo(logits.dtype).max)
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -97,13 +103,22 @@ def sample_tokens(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     seen: list[torch.Tensor | None],  # per row: token ids for the repetition penalty, or None
-) -> list[int]:
-    logits = logits.float().cpu()
+) -> list[int | None]:
+    """One token per row; None for a row that cannot be sampled (non-finite logits), which
+    never affects the other rows. Works in float64, where a penalty or temperature of 1e-40
+    stays finite for any sane logit."""
+    logits = logits.double().cpu()
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
     for row, p in enumerate(params):
-        if p.repetition_penalty != 1.0 and seen[row] is not None and seen[row].numel():
+        if finite[row] and p.repetition_penalty != 1.0 and seen[row] is not None and seen[row].numel():
             apply_repetition_penalty(logits[row], seen[row], p.repetition_penalty)
-    tokens = logits.argmax(dim=-1).tolist()
+    tokens: list[int | None] = logits.argmax(dim=-1).tolist()
     for row, p in enumerate(params):
-        if not p.greedy:
-            tokens[row] = _sample_row(logits[row], p, generators[row])
+        if not finite[row]:
+            tokens[row] = None
+        elif not p.greedy:
+            try:
+                tokens[row] = _sample_row(logits[row], p, generators[row])
+            except RuntimeError:  # should not happen after the shift above; fail the row, not the batch
+                tokens[row] = None
     return tokens

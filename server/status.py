@@ -7,6 +7,7 @@ import grpc
 from lorad.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
+    ClientTooSlowError,
     ConfigError,
     DeadlineExceededError,
     EngineStoppedError,
@@ -25,6 +26,7 @@ _CODES: list[tuple[type, grpc.StatusCode]] = [
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ClientTooSlowError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InvalidAdapterError, grpc.StatusCode.FAILED_PRECONDITION),
     (EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -43,7 +45,11 @@ def status_for(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+MAX_MESSAGE_CHARS = 1000  # status details travel in a trailer, which grpc caps at 8 KiB
+
+
 def message_for(error: BaseException) -> str:
     if isinstance(error, LoradError):
-        return str(error)
+        text = str(error)
+        return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
     return "internal error; see the server log"

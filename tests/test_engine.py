@@ -21,9 +21,10 @@ from lorad.errors import (
     QueueFullError,
 )
 from lorad.server.config import EngineConfig
-from lorad.server.engine import Engine, Event
+from lorad.server.engine import Engine
 from lorad.server.sampling import SamplingParams
 from lorad.testing import write_random_adapter
+from serving_helpers import Collector, make_engine
 
 PROMPTS = [
     "The quick brown fox",
@@ -38,29 +39,6 @@ def hf_greedy(model, prompt_ids, n):
     out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
                          pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()
-
-
-def make_engine(base, adapters_dir=None, **kw):
-    cfg = dict(max_seq_len=256, kv_cache_memory="64MiB", max_lora_rank=16, max_loras=4, max_cpu_loras=8)
-    cfg.update(kw)
-    return Engine(base, EngineConfig(**cfg), adapters_dir=adapters_dir).start()
-
-
-class Collector:
-    """A sink that records every event of one request."""
-
-    def __init__(self):
-        self.events: list[Event] = []
-        self.done = threading.Event()
-
-    def __call__(self, event: Event) -> None:
-        self.events.append(event)
-        if event.kind != "chunk":
-            self.done.set()
-
-    def final(self, timeout=60) -> Event:
-        assert self.done.wait(timeout), "request did not finish"
-        return self.events[-1]
 
 
 @pytest.fixture(scope="module")
