@@ -101,6 +101,7 @@ class LoadedAdapter:
     weights: dict[tuple[int, str], tuple["object", "object"]] = field(repr=False)
     load_seconds: float = 0.0
     stamp: tuple = ()  # adapter_stamp() of the files this copy was read from
+    digest: str = ""  # content digest of those files (lorad.server.adapter_publish), its version
 
     @property
     def nbytes(self) -> int:

@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Mapping
 
-from lorad.adapter_format import LoadedAdapter, load_adapter
+from lorad.adapter_format import LoadedAdapter
 from lorad.errors import AdapterNotFoundError, InvalidAdapterError, LimitExceededError, LoradError
 
-from lorad.server.adapter_publish import DigestMemo, files_stamp
+from lorad.server.adapter_publish import files_stamp
+from lorad.server.adapter_store import ChangedWhileRead
 from lorad.server.lora_slots import LoRASlotPool
 from lorad.server.observer import EngineObserver
 
@@ -55,6 +56,7 @@ class Residency:
     requests_running: int = 0  # on every version of it
     old_versions: int = 0  # retired versions still held by running requests
     host_bytes: int = 0
+    stamp: tuple = ()  # files_stamp of the files the current version was read from
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,27 @@ class AdapterSnapshot:
     resident: Mapping[str, Residency] = field(default_factory=dict)
     deleted: frozenset = frozenset()  # ids whose new requests get NOT_FOUND
     last_used: Mapping[str, float] = field(default_factory=dict)  # unix seconds of the last admission
+    errors: Mapping[str, tuple] = field(default_factory=dict)  # id -> (files stamp, message) of a failed read
     pinned: int = 0
     slots_used: int = 0
+
+
+@dataclass
+class AdapterStatus:
+    """One adapter as a listing shows it (disk facts and residency)."""
+
+    adapter_id: str
+    location: str  # "disk" | "host" | "device"
+    rank: int = 0
+    lora_alpha: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    size_bytes: int = 0
+    error: str = ""
+    digest: str = ""  # of the resident version ("" when only on disk)
+    pinned: bool = False
+    requests_running: int = 0
+    old_versions: int = 0
+    last_used: float = 0.0  # unix seconds, 0 = not since start
 
 
 # --- messages to the model thread -----------------------------------------------------------------
@@ -114,7 +135,7 @@ class Published(Command):
 class LoadDone:
     adapter_id: str
     generation: int
-    future: Future  # of _read: LoadedAdapter, or the load error
+    future: Future  # of AdapterStore.read: a LoadedAdapter, or the load error
 
 
 @dataclass
@@ -152,7 +173,6 @@ class AdapterManager:
         self.observer = observer or EngineObserver()
         self.post = post or (lambda message: None)
         self.fail_waiting = fail_waiting or (lambda adapter_id, error: None)
-        self.digests = DigestMemo()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorad-adapter-loader")
         # model-thread tables
         self._host: OrderedDict[str, LoadedAdapter] = OrderedDict()
@@ -182,6 +202,45 @@ class AdapterManager:
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+    def list_adapters(self) -> list[AdapterStatus]:
+        """Every adapter folder with its residency (any thread: disk facts plus the snapshot); a
+        broken adapter is listed with its error, it never fails the listing."""
+        snapshot = self.snapshot
+        out = []
+        for adapter_id in self.store.list_ids():
+            try:
+                out.append(self._status(adapter_id, snapshot))
+            except Exception:  # a bug here must cost one entry, not everyone's listing
+                log.exception("listing adapter %s failed", adapter_id)
+                out.append(AdapterStatus(adapter_id, "disk", error=f"adapter {adapter_id!r} could not be listed; "
+                                                                   "see the server log"))
+        return out
+
+    def _status(self, adapter_id: str, snapshot: AdapterSnapshot) -> AdapterStatus:
+        status = AdapterStatus(adapter_id, "disk", last_used=snapshot.last_used.get(adapter_id, 0.0))
+        try:
+            stamp = files_stamp(self.store.path_for(adapter_id))
+        except LoradError as exc:
+            status.error = str(exc)
+            return status
+        here = snapshot.resident.get(adapter_id)
+        if here is not None:
+            status.requests_running, status.old_versions = here.requests_running, here.old_versions
+            if here.digest and here.stamp == stamp:  # a copy of files changed since will not serve again
+                status.location, status.digest, status.pinned = here.tier, here.digest, here.pinned
+        failed = snapshot.errors.get(adapter_id)
+        if failed is not None and failed[0] == stamp:
+            status.error = failed[1]
+            return status
+        try:
+            spec = self.store.inspect(adapter_id)
+        except (InvalidAdapterError, AdapterNotFoundError) as exc:
+            status.error = str(exc)
+            return status
+        status.rank, status.lora_alpha = spec.rank, spec.lora_alpha
+        status.target_modules, status.size_bytes = spec.target_modules, spec.size_bytes
+        return status
 
     # --- model thread: requests -----------------------------------------------------------------
 
@@ -259,15 +318,17 @@ class AdapterManager:
             refs = self.pool.refcount[slot] - (1 if adapter_id in pins else 0)
             resident[adapter_id] = Residency(
                 "device", self._slot_digest.get(slot, ""), adapter_id in pins, refs + running.get(adapter_id, 0),
-                old.get(adapter_id, 0), self._nbytes(adapter_id))
+                old.get(adapter_id, 0), self._nbytes(adapter_id), self._version_stamp.get(adapter_id, ()))
         for adapter_id, adapter in self._host.items():
             if adapter_id not in resident:
                 resident[adapter_id] = Residency("host", adapter.digest, False, running.get(adapter_id, 0),
-                                                 old.get(adapter_id, 0), adapter.nbytes)
+                                                 old.get(adapter_id, 0), adapter.nbytes, adapter.stamp)
         for adapter_id in old.keys() - resident.keys():  # only old versions left (unloaded, deleted, replaced)
             resident[adapter_id] = Residency("device", "", False, running[adapter_id], old[adapter_id])
-        self.snapshot = AdapterSnapshot(MappingProxyType(resident), frozenset(self._deleted),
-                                        MappingProxyType(dict(self._last_used)), len(pins), self.pool.slots_used)
+        self.snapshot = AdapterSnapshot(
+            MappingProxyType(resident), frozenset(self._deleted), MappingProxyType(dict(self._last_used)),
+            MappingProxyType({i: (stamp, str(err)) for i, (stamp, err) in self._failed.items()}),
+            len(pins), self.pool.slots_used)
         self.observer.adapter_tiers(
             host=len(self._host), device=len(self.pool.slot_of), pinned=len(pins),
             host_bytes=sum(a.nbytes for a in self._host.values()),
@@ -454,25 +515,9 @@ class AdapterManager:
             future = Future()
             future.set_exception(failed)
         else:
-            future = self._loader.submit(self._read, adapter_id)
+            future = self._loader.submit(self.store.read, adapter_id)
         self._loading[adapter_id] = generation
         future.add_done_callback(lambda f: self.post(LoadDone(adapter_id, generation, f)))
-
-    def _read(self, adapter_id: str) -> LoadedAdapter:
-        """On the loader thread: read and validate the files, with their digest; the files must
-        not change while they are read (the stamp is taken before and after)."""
-        started = time.perf_counter()
-        path = self.store.path_for(adapter_id)
-        before = files_stamp(path)
-        digest = self.digests.digest(path)
-        adapter = load_adapter(path, adapter_id, self.store.geometry, self.store.max_rank)
-        if files_stamp(path) != before:
-            raise _ChangedWhileRead(f"adapter {adapter_id!r}: its files changed while they were being read; "
-                                    "retry the request")
-        adapter.digest = digest
-        adapter.stamp = before
-        adapter.load_seconds = time.perf_counter() - started
-        return adapter
 
     def _load_done(self, message: LoadDone) -> None:
         adapter_id = message.adapter_id
@@ -497,9 +542,7 @@ class AdapterManager:
         else:
             error = exc if isinstance(exc, LoradError) else InvalidAdapterError(
                 f"adapter {adapter_id!r} could not be loaded ({type(exc).__name__}); see the server log")
-            if not isinstance(exc, LoradError):
-                log.error("loading adapter %s failed", adapter_id, exc_info=exc)
-            if isinstance(error, InvalidAdapterError) and not isinstance(error, _ChangedWhileRead):
+            if isinstance(error, InvalidAdapterError) and not isinstance(error, ChangedWhileRead):
                 try:
                     self._failed[adapter_id] = (files_stamp(self.store.path_for(adapter_id)), error)
                 except LoradError:
@@ -542,6 +585,4 @@ class AdapterManager:
         assert len(pool.slot_of) == len(set(pool.slot_of.values()))
 
 
-class _ChangedWhileRead(InvalidAdapterError):
-    """The files changed during a read; the next request reads them again (not remembered)."""
 
