@@ -295,6 +295,13 @@ class AdapterManager:
             if not message.done.done():
                 message.done.set_exception(exc)
 
+    def _answer(self, command: Command, result) -> None:
+        """Resolve a command after publishing a snapshot, so its caller reads its effect."""
+        self._dirty = True
+        self.publish()
+        if not command.done.done():
+            command.done.set_result(result)
+
     def progress(self) -> None:
         """Retry what waits on the model thread: Load commands waiting for a free slot."""
         if self._pending_loads:
@@ -372,12 +379,12 @@ class AdapterManager:
             self._pinned.add(adapter_id)
         report.digest = self._slot_digest[slot]
         self.observer.adapter_event("load")
-        command.done.set_result(report)
+        self._answer(command, report)
 
     def _on_unpin(self, command: Unpin) -> None:
         self.store.path_for(command.adapter_id)
         self._unpin(command.adapter_id)
-        command.done.set_result(None)
+        self._answer(command, None)
 
     def _unpin(self, adapter_id: str) -> None:
         if adapter_id in self._pinned:
@@ -407,7 +414,7 @@ class AdapterManager:
             if pinned:  # the pin moves to the new version once it is read
                 self._pending_loads.append(Load(adapter_id, pin=True))
                 self._start_load(adapter_id)
-        command.done.set_result(None)
+        self._answer(command, None)
 
     def _drain(self, command: Command, kind: str) -> None:
         """Unload / delete: unpin, retire every version; answer once their slots are free."""
@@ -431,8 +438,7 @@ class AdapterManager:
                 kept.append(drain)
                 continue
             drain.report.seconds = time.perf_counter() - drain.command.started
-            if not drain.command.done.done():
-                drain.command.done.set_result(drain.report)
+            self._answer(drain.command, drain.report)
         self._drains = kept
 
     # --- versions ---------------------------------------------------------------------------------
