@@ -7,8 +7,9 @@
 Only the model thread writes these tables. The engine calls acquire / release while it admits
 and retires requests, and hands every other message to `handle` between two steps: management
 commands from RPC handlers (load, pin, unpin, unload, delete, published) and results of the
-loader thread (LoadDone). No other thread touches a table; they read `snapshot`, an immutable
-AdapterSnapshot the model thread publishes after every change, and wait on a command's future.
+loader thread (LoadDone). No other thread touches a table; they read `snapshot`, the immutable
+AdapterResidency (lorad.server.residency) the model thread publishes after every change, and
+wait on a command's future. The same snapshot feeds listings and the residency metrics.
 
 Versions. A version is the content digest of an adapter's files (lorad.server.adapter_publish).
 A request is bound to the version in its slot when it is admitted and keeps it to the end.
@@ -30,40 +31,39 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Callable, Iterable
 
-from lorad.adapter_format import LoadedAdapter, load_adapter
+from lorad.adapter_format import LoadedAdapter
 from lorad.errors import AdapterNotFoundError, InvalidAdapterError, LimitExceededError, LoradError
 
-from lorad.server.adapter_publish import DigestMemo, files_stamp
+from lorad.server.adapter_publish import files_stamp
+from lorad.server.adapter_store import ChangedWhileRead
 from lorad.server.lora_slots import LoRASlotPool
 from lorad.server.observer import EngineObserver
+from lorad.server.residency import AdapterResidency, ResidentAdapter, distinct
 
 log = logging.getLogger(__name__)
 
 
-# --- what other threads read ----------------------------------------------------------------------
+# --- what listings show ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Residency:
-    """An adapter's place in memory, as of the last snapshot."""
+@dataclass
+class AdapterStatus:
+    """One adapter as a listing shows it (disk facts and residency)."""
 
-    tier: str  # "host" | "device" ("disk" adapters are simply absent from the snapshot)
-    digest: str  # of the current resident version
+    adapter_id: str
+    location: str  # "disk" | "host" | "device"
+    rank: int = 0
+    lora_alpha: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    size_bytes: int = 0
+    error: str = ""
+    digest: str = ""  # of the resident version ("" when only on disk)
     pinned: bool = False
-    requests_running: int = 0  # on every version of it
-    old_versions: int = 0  # retired versions still held by running requests
-    host_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class AdapterSnapshot:
-    resident: Mapping[str, Residency] = field(default_factory=dict)
-    deleted: frozenset = frozenset()  # ids whose new requests get NOT_FOUND
-    last_used: Mapping[str, float] = field(default_factory=dict)  # unix seconds of the last admission
-    pinned: int = 0
-    slots_used: int = 0
+    requests_running: int = 0
+    old_versions: int = 0
+    last_used: float = 0.0  # unix seconds, 0 = not since start
 
 
 # --- messages to the model thread -----------------------------------------------------------------
@@ -114,7 +114,7 @@ class Published(Command):
 class LoadDone:
     adapter_id: str
     generation: int
-    future: Future  # of _read: LoadedAdapter, or the load error
+    future: Future  # of AdapterStore.read: a LoadedAdapter, or the load error
 
 
 @dataclass
@@ -152,7 +152,6 @@ class AdapterManager:
         self.observer = observer or EngineObserver()
         self.post = post or (lambda message: None)
         self.fail_waiting = fail_waiting or (lambda adapter_id, error: None)
-        self.digests = DigestMemo()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorad-adapter-loader")
         # model-thread tables
         self._host: OrderedDict[str, LoadedAdapter] = OrderedDict()
@@ -169,7 +168,8 @@ class AdapterManager:
         self._pending_loads: list[Load] = []
         self._drains: list[_Drain] = []
         self._dirty = True
-        self.snapshot = AdapterSnapshot()
+        self._waiting: tuple[str, ...] = ()  # distinct adapters of queued requests (the engine tells)
+        self.snapshot = AdapterResidency(max_loras=pool.num_slots)
         self.publish()
 
     # --- any thread -----------------------------------------------------------------------------
@@ -182,6 +182,45 @@ class AdapterManager:
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+    def list_adapters(self) -> list[AdapterStatus]:
+        """Every adapter folder with its residency (any thread: disk facts plus the snapshot); a
+        broken adapter is listed with its error, it never fails the listing."""
+        snapshot = self.snapshot
+        out = []
+        for adapter_id in self.store.list_ids():
+            try:
+                out.append(self._status(adapter_id, snapshot))
+            except Exception:  # a bug here must cost one entry, not everyone's listing
+                log.exception("listing adapter %s failed", adapter_id)
+                out.append(AdapterStatus(adapter_id, "disk", error=f"adapter {adapter_id!r} could not be listed; "
+                                                                   "see the server log"))
+        return out
+
+    def _status(self, adapter_id: str, snapshot: AdapterResidency) -> AdapterStatus:
+        status = AdapterStatus(adapter_id, "disk", last_used=snapshot.last_used.get(adapter_id, 0.0))
+        try:
+            stamp = files_stamp(self.store.path_for(adapter_id))
+        except LoradError as exc:
+            status.error = str(exc)
+            return status
+        here = snapshot.resident.get(adapter_id)
+        if here is not None:
+            status.requests_running, status.old_versions = here.requests_running, here.old_versions
+            if here.digest and here.stamp == stamp:  # a copy of files changed since will not serve again
+                status.location, status.digest, status.pinned = here.tier, here.digest, here.pinned
+        failed = snapshot.errors.get(adapter_id)
+        if failed is not None and failed[0] == stamp:
+            status.error = failed[1]
+            return status
+        try:
+            spec = self.store.inspect(adapter_id)
+        except (InvalidAdapterError, AdapterNotFoundError) as exc:
+            status.error = str(exc)
+            return status
+        status.rank, status.lora_alpha = spec.rank, spec.lora_alpha
+        status.target_modules, status.size_bytes = spec.target_modules, spec.size_bytes
+        return status
 
     # --- model thread: requests -----------------------------------------------------------------
 
@@ -236,6 +275,13 @@ class AdapterManager:
             if not message.done.done():
                 message.done.set_exception(exc)
 
+    def _answer(self, command: Command, result) -> None:
+        """Resolve a command after publishing a snapshot, so its caller reads its effect."""
+        self._dirty = True
+        self.publish()
+        if not command.done.done():
+            command.done.set_result(result)
+
     def progress(self) -> None:
         """Retry what waits on the model thread: Load commands waiting for a free slot."""
         if self._pending_loads:
@@ -243,35 +289,50 @@ class AdapterManager:
             for command in waiting:
                 self.handle(command)
 
-    def publish(self) -> None:
-        """Publish a new snapshot if anything changed since the last one."""
+    def publish(self, waiting: Iterable[str | None] | None = None) -> None:
+        """Publish a new snapshot if anything changed since the last one. waiting: the adapter
+        ids of the engine's queued requests (None: unchanged)."""
+        if waiting is not None:
+            waiting = distinct(waiting)
+            if waiting != self._waiting:
+                self._waiting, self._dirty = waiting, True
         if not self._dirty:
             return
         self._dirty = False
-        resident: dict[str, Residency] = {}
+        pool, pins = self.pool, self._pinned
+        resident: dict[str, ResidentAdapter] = {}
         running: dict[str, int] = {}
         old: dict[str, int] = {}
-        pins = self._pinned
         for slot, owner in self._retired.items():
-            running[owner] = running.get(owner, 0) + self.pool.refcount[slot]
+            running[owner] = running.get(owner, 0) + pool.refcount[slot]
             old[owner] = old.get(owner, 0) + 1
-        for adapter_id, slot in self.pool.slot_of.items():
-            refs = self.pool.refcount[slot] - (1 if adapter_id in pins else 0)
-            resident[adapter_id] = Residency(
+        for adapter_id, slot in pool.slot_of.items():
+            refs = pool.refcount[slot] - (1 if adapter_id in pins else 0)
+            resident[adapter_id] = ResidentAdapter(
                 "device", self._slot_digest.get(slot, ""), adapter_id in pins, refs + running.get(adapter_id, 0),
-                old.get(adapter_id, 0), self._nbytes(adapter_id))
+                old.get(adapter_id, 0), self._nbytes(adapter_id), self._version_stamp.get(adapter_id, ()))
         for adapter_id, adapter in self._host.items():
             if adapter_id not in resident:
-                resident[adapter_id] = Residency("host", adapter.digest, False, running.get(adapter_id, 0),
-                                                 old.get(adapter_id, 0), adapter.nbytes)
+                resident[adapter_id] = ResidentAdapter("host", adapter.digest, False, running.get(adapter_id, 0),
+                                                       old.get(adapter_id, 0), adapter.nbytes, adapter.stamp)
         for adapter_id in old.keys() - resident.keys():  # only old versions left (unloaded, deleted, replaced)
-            resident[adapter_id] = Residency("device", "", False, running[adapter_id], old[adapter_id])
-        self.snapshot = AdapterSnapshot(MappingProxyType(resident), frozenset(self._deleted),
-                                        MappingProxyType(dict(self._last_used)), len(pins), self.pool.slots_used)
-        self.observer.adapter_tiers(
-            host=len(self._host), device=len(self.pool.slot_of), pinned=len(pins),
+            resident[adapter_id] = ResidentAdapter("device", "", False, running[adapter_id], old[adapter_id])
+        self.snapshot = AdapterResidency(
+            device=distinct(pool.slot_of),
+            host=distinct(self._host),
+            running=distinct(a for a, r in resident.items() if r.requests_running > 0),
+            waiting=self._waiting,
+            max_loras=pool.num_slots,
+            published_at=time.time(),
+            resident=MappingProxyType(resident),
+            deleted=frozenset(self._deleted),
+            last_used=MappingProxyType(dict(self._last_used)),
+            errors=MappingProxyType({i: (stamp, str(err)) for i, (stamp, err) in self._failed.items()}),
+            pinned=len(pins),
+            slots_used=pool.slots_used + len(self._retired),
             host_bytes=sum(a.nbytes for a in self._host.values()),
-            device_bytes=self.pool.slot_nbytes * (len(self.pool.slot_of) + len(self._retired)))
+            device_bytes=pool.slot_nbytes * (len(pool.slot_of) + len(self._retired)),
+        )
 
     def _nbytes(self, adapter_id: str) -> int:
         adapter = self._host.get(adapter_id)
@@ -311,12 +372,12 @@ class AdapterManager:
             self._pinned.add(adapter_id)
         report.digest = self._slot_digest[slot]
         self.observer.adapter_event("load")
-        command.done.set_result(report)
+        self._answer(command, report)
 
     def _on_unpin(self, command: Unpin) -> None:
         self.store.path_for(command.adapter_id)
         self._unpin(command.adapter_id)
-        command.done.set_result(None)
+        self._answer(command, None)
 
     def _unpin(self, adapter_id: str) -> None:
         if adapter_id in self._pinned:
@@ -346,7 +407,7 @@ class AdapterManager:
             if pinned:  # the pin moves to the new version once it is read
                 self._pending_loads.append(Load(adapter_id, pin=True))
                 self._start_load(adapter_id)
-        command.done.set_result(None)
+        self._answer(command, None)
 
     def _drain(self, command: Command, kind: str) -> None:
         """Unload / delete: unpin, retire every version; answer once their slots are free."""
@@ -370,8 +431,7 @@ class AdapterManager:
                 kept.append(drain)
                 continue
             drain.report.seconds = time.perf_counter() - drain.command.started
-            if not drain.command.done.done():
-                drain.command.done.set_result(drain.report)
+            self._answer(drain.command, drain.report)
         self._drains = kept
 
     # --- versions ---------------------------------------------------------------------------------
@@ -454,25 +514,9 @@ class AdapterManager:
             future = Future()
             future.set_exception(failed)
         else:
-            future = self._loader.submit(self._read, adapter_id)
+            future = self._loader.submit(self.store.read, adapter_id)
         self._loading[adapter_id] = generation
         future.add_done_callback(lambda f: self.post(LoadDone(adapter_id, generation, f)))
-
-    def _read(self, adapter_id: str) -> LoadedAdapter:
-        """On the loader thread: read and validate the files, with their digest; the files must
-        not change while they are read (the stamp is taken before and after)."""
-        started = time.perf_counter()
-        path = self.store.path_for(adapter_id)
-        before = files_stamp(path)
-        digest = self.digests.digest(path)
-        adapter = load_adapter(path, adapter_id, self.store.geometry, self.store.max_rank)
-        if files_stamp(path) != before:
-            raise _ChangedWhileRead(f"adapter {adapter_id!r}: its files changed while they were being read; "
-                                    "retry the request")
-        adapter.digest = digest
-        adapter.stamp = before
-        adapter.load_seconds = time.perf_counter() - started
-        return adapter
 
     def _load_done(self, message: LoadDone) -> None:
         adapter_id = message.adapter_id
@@ -497,9 +541,7 @@ class AdapterManager:
         else:
             error = exc if isinstance(exc, LoradError) else InvalidAdapterError(
                 f"adapter {adapter_id!r} could not be loaded ({type(exc).__name__}); see the server log")
-            if not isinstance(exc, LoradError):
-                log.error("loading adapter %s failed", adapter_id, exc_info=exc)
-            if isinstance(error, InvalidAdapterError) and not isinstance(error, _ChangedWhileRead):
+            if isinstance(error, InvalidAdapterError) and not isinstance(error, ChangedWhileRead):
                 try:
                     self._failed[adapter_id] = (files_stamp(self.store.path_for(adapter_id)), error)
                 except LoradError:
@@ -542,6 +584,4 @@ class AdapterManager:
         assert len(pool.slot_of) == len(set(pool.slot_of.values()))
 
 
-class _ChangedWhileRead(InvalidAdapterError):
-    """The files changed during a read; the next request reads them again (not remembered)."""
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from lorad.adapter_format import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE, validate_adapter_id
+from lorad.adapter_format import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE, adapter_stamp, validate_adapter_id
 from lorad.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -362,12 +362,9 @@ class Upload:
 
 
 def files_stamp(path: Path) -> tuple:
-    """Identity of an adapter folder's files as they are now (inode, size, mtime, ctime of each;
-    links followed): a rewrite, a replace or a touch changes it; reading it costs three stats."""
-    return tuple(
-        (name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) if (st := _stat(path / name)) else None
-        for name in DIGEST_FILES
-    )
+    """The stamp of every file of an adapter version (lorad.adapter_format.adapter_stamp over
+    DIGEST_FILES): whatever changes the digest changes it, for the cost of three stats."""
+    return adapter_stamp(path, DIGEST_FILES)
 
 
 class DigestMemo:
@@ -388,9 +385,3 @@ class DigestMemo:
             self._memo[path] = (key, digest)
         return digest
 
-
-def _stat(path: Path):
-    try:
-        return path.stat()
-    except OSError:
-        return None

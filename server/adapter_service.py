@@ -1,4 +1,5 @@
-"""The lorad.v1.AdapterManager service: translates RPCs to the adapter publisher and the engine.
+"""The lorad.v1.AdapterManager service: translates RPCs to commands for the adapter manager
+(lorad.server.adapter_manager, on the model thread) and to the publisher (files on disk).
 
 Access control is not here: lorad.server.auth's interceptor admits only admin callers.
 """
@@ -15,6 +16,7 @@ from lorad.errors import AdapterNotFoundError, EngineStoppedError, InvalidReques
 from lorad.v1 import lorad_pb2, lorad_pb2_grpc
 
 from lorad.server import base_match
+from lorad.server.adapter_manager import Delete, Load, Published, Unload, Unpin
 from lorad.server.adapter_publish import AdapterPublisher, DigestMemo, UploadLimits
 from lorad.server.status import message_for, status_for
 
@@ -64,16 +66,17 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
         inspect_adapter(path, adapter_id, engine.geometry, engine.config.max_lora_rank)
         load_adapter(path, adapter_id, engine.geometry, engine.config.max_lora_rank)
 
-    def _info(self, status, all_statuses) -> lorad_pb2.AdapterInfo:
+    def _info(self, status) -> lorad_pb2.AdapterInfo:
         info = lorad_pb2.AdapterInfo(
             id=status.adapter_id, rank=status.rank, target_modules=list(status.target_modules),
             size_bytes=status.size_bytes, location=LOCATIONS[status.location], lora_alpha=status.lora_alpha,
-            error=status.error,
+            error=status.error, digest=status.digest, pinned=status.pinned, requests_running=status.requests_running,
+            last_used_unix_seconds=status.last_used, old_versions_resident=status.old_versions,
         )
         root = self._publisher().root
         path = root / status.adapter_id
         try:
-            info.digest = self.digests.digest(path)
+            info.digest = info.digest or self.digests.digest(path)
         except OSError:  # removed while listing
             return info
         trained = base_match.read_trained_for(path)
@@ -87,7 +90,7 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
     def _listing(self) -> lorad_pb2.ListAdaptersResponse:
         engine = self._engine()
         statuses = engine.list_adapters() if self.publisher is not None else []
-        infos = [self._info(s, statuses) for s in statuses]
+        infos = [self._info(s) for s in statuses]
         by_digest: dict[str, list[str]] = {}
         for info in infos:
             if info.digest:
@@ -104,7 +107,64 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
             log.error("unexpected error in an AdapterManager handler", exc_info=error)
         await context.abort(status_for(error), message_for(error))
 
+    async def _command(self, command, context):
+        """Post a command to the model thread and wait for its answer (within the call's deadline)."""
+        engine = self._engine()
+        self._publisher()._check_id(command.adapter_id)
+        engine.post(command)
+        return await asyncio.wait_for(asyncio.wrap_future(command.done), timeout=context.time_remaining())
+
+    async def _get(self, adapter_id: str) -> lorad_pb2.AdapterInfo:
+        listing = await asyncio.get_running_loop().run_in_executor(None, self._listing)
+        for info in listing.adapters:
+            if info.id == adapter_id:
+                return info
+        self._publisher()._check_id(adapter_id)
+        raise AdapterNotFoundError(f"adapter {adapter_id!r} not found")
+
+    async def listing(self) -> lorad_pb2.ListAdaptersResponse:
+        return await asyncio.get_running_loop().run_in_executor(None, self._listing)
+
     # --- RPCs -------------------------------------------------------------------------------
+
+    async def LoadAdapter(self, request, context):
+        try:
+            report = await self._command(Load(request.id, pin=request.pin), context)
+            return lorad_pb2.LoadAdapterResponse(adapter=await self._get(request.id),
+                                                 host_load_seconds=report.host_seconds,
+                                                 device_load_seconds=report.device_seconds)
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def UnpinAdapter(self, request, context):
+        try:
+            await self._command(Unpin(request.id), context)
+            return await self._get(request.id)
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def UnloadAdapter(self, request, context):
+        try:
+            report = await self._command(Unload(request.id), context)
+            return lorad_pb2.UnloadAdapterResponse(
+                adapter=await self._get(request.id), requests_drained=report.requests_drained, seconds=report.seconds,
+                freed_host_bytes=report.freed_host_bytes, freed_slot=report.freed_slot)
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def DeleteAdapter(self, request, context):
+        """New requests get NOT_FOUND at once; once the running ones are done (memory freed), the
+        folder is renamed out of the adapters folder, then removed."""
+        try:
+            publisher = self._publisher()
+            report = await self._command(Delete(request.id), context)
+            loop = asyncio.get_running_loop()
+            trash = await loop.run_in_executor(None, publisher.retire, request.id)
+            await loop.run_in_executor(None, publisher.purge, trash)
+            return lorad_pb2.DeleteAdapterResponse(id=request.id, digest=report.digest,
+                                                   requests_drained=report.requests_drained, seconds=report.seconds)
+        except Exception as exc:
+            await self._fail(context, exc)
 
     async def ListAdapters(self, request, context):
         try:
@@ -134,11 +194,6 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
             if first is None or not first.HasField("header"):
                 raise InvalidRequestError("the first message of an upload must be its header (id, replace)")
             header = first.header
-            if header.replace and publisher.exists(header.id):
-                # versioned replace (requests admitted before it finish on the old version) needs the
-                # engine's adapter manager, which this build does not have yet
-                raise InvalidRequestError(f"adapter {header.id!r} exists; replacing a served adapter is not supported "
-                                          "by this server yet: delete the folder or upload under a new id")
             with publisher.begin(header.id, header.replace, header.expected_digest) as upload:
                 async for message in messages:
                     if not message.HasField("chunk"):
@@ -146,6 +201,10 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
                     upload.write(message.chunk.name, message.chunk.data)
                 published = await loop.run_in_executor(
                     None, upload.finish, lambda path: self.validate(header.id, path))
+            # the model thread retires a replaced version (its running requests finish on it)
+            await self._command(Published(header.id, digest=published.digest), context)
+            await loop.run_in_executor(None, publisher.purge, published.previous_trash)
+            self._engine().observer.adapter_event("upload")
             listing = await loop.run_in_executor(None, self._listing)
         except Exception as exc:
             await self._fail(context, exc)

@@ -30,6 +30,7 @@ from lorad.server.adapter_service import AdapterManagerService
 from lorad.server.auth import AuthInterceptor, is_loopback, policy_from, server_credentials
 from lorad.server.config import ServerConfig
 from lorad.server.engine import Engine
+from lorad.server.frontend import Frontend
 from lorad.server.grpc_service import GeneratorService, RequestParseGuard
 from lorad.server.metrics import Metrics
 from lorad.server.model_thread import ModelThread
@@ -48,8 +49,9 @@ class LoradServer:
         self._preloaded = base
         self.metrics = Metrics()
         self.readiness = Readiness()
-        self.service = GeneratorService(config.base.name, config.max_unsent_chunks)
+        self.frontend = Frontend(config.max_unsent_chunks)
         self.admin = AdapterManagerService(config.adapters_dir, UploadLimits(max_bytes=config.max_upload_bytes))
+        self.service = GeneratorService(config.base.name, self.frontend, listing=self.admin.listing)
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.engine: Engine | None = None
@@ -125,7 +127,7 @@ class LoradServer:
         self.metrics.memory.labels("base_weights").set(base.model.get_memory_footprint())
         self.metrics.slots(0, cfg.engine.max_loras)
         self.service.base_name = base.resolved.display_name
-        self.service.engine = self.engine
+        self.frontend.engine = self.engine
         self.admin.base_name = base.resolved.display_name
         self.admin.engine = self.engine
         self.readiness.mark_ready()

@@ -77,11 +77,6 @@ class Metrics(EngineObserver):
             "lorad_device_memory_allocated_bytes", "torch.cuda.memory_allocated (0 on CPU).", registry=r)
         self.device_reserved = Gauge(
             "lorad_device_memory_reserved_bytes", "torch.cuda.memory_reserved (0 on CPU).", registry=r)
-        self.adapters = Gauge(
-            "lorad_adapters", "Adapters (current versions) per tier: host memory, device slots; and pinned ones.",
-            ["tier"], registry=r)
-        self.adapter_bytes = Gauge("lorad_adapter_bytes", "Bytes of adapters per tier (host copies, device slots in use).",
-                                   ["tier"], registry=r)
         self.adapter_actions = Counter(
             "lorad_adapter_actions_total", "Adapter management actions: load, unload, delete, replace, upload.",
             ["action"], registry=r)
@@ -98,7 +93,8 @@ class Metrics(EngineObserver):
             self.device_reserved.set_function(lambda: torch.cuda.memory_reserved(device))
 
     def watch_adapters(self, snapshot, with_ids: bool) -> None:
-        """Export adapter residency from the engine's published snapshot (a callable returning it)."""
+        """Export adapter residency (tiers, pins, bytes; ids with with_ids) from the snapshot the adapter
+        manager publishes (a callable returning it, None while the base loads)."""
         self.registry.register(AdapterResidencyCollector(snapshot, with_ids))
 
     def serve(self, host: str, port: int, readiness: Readiness | None = None) -> int:
@@ -155,13 +151,6 @@ class Metrics(EngineObserver):
     def slots(self, used: int, total: int) -> None:
         self.slots_used.set(used)
         self.slots_total.set(total)
-
-    def adapter_tiers(self, host: int, device: int, pinned: int, host_bytes: int, device_bytes: int) -> None:
-        self.adapters.labels("host").set(host)
-        self.adapters.labels("device").set(device)
-        self.adapters.labels("pinned").set(pinned)
-        self.adapter_bytes.labels("host").set(host_bytes)
-        self.adapter_bytes.labels("device").set(device_bytes)
 
     def adapter_event(self, kind: str) -> None:
         self.adapter_actions.labels(kind).inc()

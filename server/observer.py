@@ -32,8 +32,5 @@ class EngineObserver:
 
     def slots(self, used: int, total: int) -> None: ...
 
-    def adapter_tiers(self, host: int, device: int, pinned: int, host_bytes: int, device_bytes: int) -> None:
-        """Adapters (current versions) in host memory and in device slots, pinned ones, and bytes per tier."""
-
     def adapter_event(self, kind: str) -> None:
         """kind: load | unload | delete | replace | upload (management actions, counted)."""

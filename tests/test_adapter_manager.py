@@ -38,7 +38,7 @@ class Harness:
         self.root = root
         self.inbox: queue.Queue = queue.Queue()
         self.failed: dict[str, Exception] = {}
-        self.store = AdapterStore(root, GEOMETRY, max_rank=8, host_capacity=2)
+        self.store = AdapterStore(root, GEOMETRY, max_rank=8)
         self.pool = LoRASlotPool(GEOMETRY, SLOTS, 8, torch.float32, torch.device("cpu"))
         self.manager = AdapterManager(self.store, self.pool, host_capacity=2, post=self.inbox.put,
                                       fail_waiting=self.failed.__setitem__)
