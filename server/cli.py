@@ -64,6 +64,17 @@ def _default(name: str):
 @click.option("--max-unsent-chunks", type=int, default=_default("max_unsent_chunks"), show_default=True,
               help="Chunks a streaming client may leave unread before its request is cancelled "
                    "(RESOURCE_EXHAUSTED), so a stalled client never holds a batch row.")
+@click.option("--admin-token-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the bearer token AdapterManager calls need (load, unload, upload, delete...). "
+                   "Without it, adapter management is allowed only when the server listens on loopback.")
+@click.option("--api-token-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the bearer token Generator calls need [default: Generator is open].")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, help="PEM certificate: serve TLS.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="PEM private key of --tls-cert.")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False), default=None,
+              help="PEM CA: require client certificates it signed (mTLS).")
+@click.option("--max-upload-bytes", default=f"{_default('max_upload_bytes') / 2**30:g}GiB", show_default=True,
+              help="Largest adapter upload accepted (all files together).")
 @click.option("--grace", "grace_seconds", type=float, default=_default("grace_seconds"), show_default=True,
               help="Seconds in-flight requests get to finish on shutdown.")
 @click.option("--drain-seconds", type=float, default=_default("drain_seconds"), show_default=True,
@@ -77,8 +88,8 @@ def _default(name: str):
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def serve(base, quant, device, adapters_dir, host, port, metrics_port, max_loras, max_cpu_loras, max_lora_rank,
           max_batch_size, max_seq_len, kv_cache_memory, max_prefill_tokens, max_queue, default_max_new_tokens,
-          lora_backend, max_request_bytes, max_unsent_chunks, grace_seconds, drain_seconds, metrics_adapter_ids,
-          log_level):
+          lora_backend, max_request_bytes, max_unsent_chunks, admin_token_file, api_token_file, tls_cert, tls_key,
+          tls_client_ca, max_upload_bytes, grace_seconds, drain_seconds, metrics_adapter_ids, log_level):
     """Serve one base model and every adapter in --adapters over gRPC (lorad.v1.Generator).
 
     \b
@@ -86,6 +97,7 @@ def serve(base, quant, device, adapters_dir, host, port, metrics_port, max_loras
       lorad serve --adapters ./adapters
       lorad serve --base llama-3.1-8b-nf4 --adapters /srv/adapters --max-loras 32
       lorad serve --base ./my-llama-folder --quant none --device cpu
+      lorad serve --host 0.0.0.0 --tls-cert srv.pem --tls-key srv.key --admin-token-file admin.token
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
@@ -98,6 +110,12 @@ def serve(base, quant, device, adapters_dir, host, port, metrics_port, max_loras
             grace_seconds=grace_seconds,
             max_request_bytes=max_request_bytes,
             max_unsent_chunks=max_unsent_chunks,
+            admin_token_file=admin_token_file,
+            api_token_file=api_token_file,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            max_upload_bytes=max_upload_bytes,
             drain_seconds=drain_seconds,
             metrics_adapter_ids=metrics_adapter_ids,
             base=BaseModelConfig(name=base, quant=quant, device=device),

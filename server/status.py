@@ -5,15 +5,20 @@ from __future__ import annotations
 import grpc
 
 from lorad.errors import (
+    AdapterExistsError,
     AdapterNotFoundError,
     ClientTooSlowError,
     ConfigError,
     DeadlineExceededError,
     EngineStoppedError,
     InvalidAdapterError,
+    IntegrityError,
     InvalidRequestError,
+    LimitExceededError,
     LoradError,
+    PermissionDeniedError,
     QueueFullError,
+    UnauthenticatedError,
 )
 
 _CODES: list[tuple[type, grpc.StatusCode]] = [
@@ -25,6 +30,11 @@ _CODES: list[tuple[type, grpc.StatusCode]] = [
     (InvalidAdapterError, grpc.StatusCode.FAILED_PRECONDITION),
     (EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (AdapterExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (IntegrityError, grpc.StatusCode.DATA_LOSS),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
 ]
 
 
