@@ -24,10 +24,15 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
+# bytes past the limit read and dropped before answering 413: a client still sending when the
+# answer comes would see a connection reset instead of the answer; beyond this, it does
+_DRAIN_BYTES = 64 * 2**20
+
+
 class BodyLimit:
-    """ASGI middleware: a request body above `max_bytes` gets 413 in OpenAI's error shape before
-    it is read whole (Content-Length first, then counting the chunks of a chunked body). The
-    accepted body is handed on in one piece; later receive() calls (disconnect) pass through."""
+    """ASGI middleware: a request body above `max_bytes` gets 413 in OpenAI's error shape, without
+    being kept (Content-Length first, then counting the chunks of a chunked body). The accepted
+    body is handed on in one piece; later receive() calls (disconnect) pass through."""
 
     def __init__(self, app, max_bytes: int):
         self.app = app
@@ -37,7 +42,7 @@ class BodyLimit:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes + _DRAIN_BYTES:
             return await self._too_large(send)
         chunks, size, more = [], 0, True
         while more:
@@ -46,10 +51,13 @@ class BodyLimit:
                 return
             body = message.get("body", b"")
             size += len(body)
-            if size > self.max_bytes:
-                return await self._too_large(send)
-            chunks.append(body)
             more = message.get("more_body", False)
+            if size > self.max_bytes + _DRAIN_BYTES:
+                return await self._too_large(send)
+            if size <= self.max_bytes:
+                chunks.append(body)
+        if size > self.max_bytes:
+            return await self._too_large(send)
         replayed = False
 
         async def replay():

@@ -365,7 +365,7 @@ class OpenAIApi:
         try:
             while True:
                 if event.kind == "chunk":
-                    if event.text or event.token_ids:
+                    if event.text or (event.token_ids and (shaper.logprobs or shaper.token_ids)):
                         yield _sse({**shaper.chunk(event.text, event.token_ids, event.logprobs), **usage})
                 else:  # final
                     finish = FINISH_REASONS.get(event.finish_reason, "stop")

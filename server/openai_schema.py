@@ -20,7 +20,8 @@ from lorad.server.sampling import SamplingParams
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "yes" is not a boolean and "5" is not a number (ints still pass as floats)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Strict):
