@@ -10,9 +10,10 @@ Errors: lorad errors get the HTTP status of their gRPC code (lorad.server.status
 shape {"error": {"message", "type", "param", "code"}}; code is the gRPC status name.
 
 `model` names an adapter id, or the base: its name, "base", or vLLM's "base:ADAPTER" /
-"BASENAME:ADAPTER" spelling for an adapter. An `x-lorad-adapter` header (the key the HAProxy
-config hashes on, lorad.haproxy) must agree with `model` when present, so a balancer never sends
-a request to the replica of another adapter.
+"BASENAME:ADAPTER" spelling for an adapter. `model` alone decides what is served: an
+`x-lorad-adapter` header (the routing key balancers hash on, lorad.haproxy) is ignored here, as
+the gRPC service ignores it; a wrong key costs adapter loads on the wrong replica, never a
+wrong answer.
 
 A client that disconnects cancels its request (the frontend frees its batch row at the next
 engine step), while it waits for its first token, while its stream runs, or while a
@@ -35,7 +36,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lorad.clients.channel import ROUTING_HEADER
 from lorad.errors import AdapterNotFoundError, InvalidRequestError, LoradError, QueueFullError
 
 from lorad.server.adapter_service import LOCATIONS
@@ -55,6 +55,20 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 LOCATION_NAMES = {value: name for name, value in LOCATIONS.items()}
 _PARAM = re.compile(r"^([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+)?):")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# seconds the server may spend on a request (gRPC's deadline); past it: 504, the row freed
+TIMEOUT_HEADER = "x-lorad-timeout"
+
+
+def _timeout(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < 10**7:  # also refuses nan and inf
+        raise InvalidRequestError(f"{TIMEOUT_HEADER}: {value[:40]!r} is not a number of seconds above 0")
+    return seconds
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -274,24 +288,16 @@ class OpenAIApi:
             self._refused(status_for(error).name.lower())
             raise error
 
-    def _adapter_for(self, model: str, routing_key: str | None) -> str | None:
-        """The adapter id `model` names (None = the base); checked against the routing header."""
-        adapter: str | None = model
+    def _adapter_for(self, model: str) -> str | None:
+        """The adapter id `model` names (None = the base)."""
         if model in (self.base_name, "base"):
-            adapter = None
-        else:
-            for prefix in (f"{self.base_name}:", "base:"):
-                if model.startswith(prefix):
-                    adapter = model[len(prefix):]
-                    if not adapter:
-                        raise InvalidRequestError(f"model: {model!r} names no adapter after the colon")
-                    break
-        if routing_key is not None and routing_key != (adapter or ""):
-            raise InvalidRequestError(
-                f"{ROUTING_HEADER}: the header names {routing_key!r} but model {model!r} names "
-                f"{repr(adapter) if adapter else 'the base'}; a balancer hashing on the header would route this "
-                "request for the wrong adapter (send the same id in both, or leave the header out)")
-        return adapter
+            return None
+        for prefix in (f"{self.base_name}:", "base:"):
+            if model.startswith(prefix):
+                if model == prefix:
+                    raise InvalidRequestError(f"model: {model!r} names no adapter after the colon")
+                return model[len(prefix):]
+        return model
 
     async def _models(self) -> list[dict]:
         listing = await self.listing()
@@ -314,13 +320,14 @@ class OpenAIApi:
         try:
             engine = self.frontend.engine_or_raise()
             body.refuse_unsupported()
-            adapter = self._adapter_for(body.model, request.headers.get(ROUTING_HEADER))
+            adapter = self._adapter_for(body.model)
             logprobs = bool(body.logprobs) if chat else body.logprobs is not None
             generation = GenerationInput(
                 params=lambda default: body.sampling(default, logprobs),
                 prompt=None if chat else body.text(),
                 messages=body.lorad_messages() if chat else [],
                 adapter_id=adapter,
+                timeout=_timeout(request.headers.get(TIMEOUT_HEADER)),
             )
             if self.in_flight >= self.max_concurrency:
                 raise QueueFullError(f"this server is answering {self.in_flight} HTTP generation requests "

@@ -245,11 +245,23 @@ def test_bad_chat_requests_get_400_with_a_sentence(client, kwargs, words):
     assert words in info.value.body["message"]
 
 
-def test_the_routing_header_must_agree_with_the_model(client):
-    ok = client.completions.create(model="a0", prompt="hi", max_tokens=2, extra_headers={ROUTING_HEADER: "a0"})
-    assert ok.usage.completion_tokens >= 1
-    with pytest.raises(openai.BadRequestError, match=ROUTING_HEADER):
-        client.completions.create(model="a0", prompt="hi", max_tokens=2, extra_headers={ROUTING_HEADER: "a1"})
+def test_the_model_field_decides_and_the_routing_header_only_routes(client):
+    plain = client.completions.create(model="a0", prompt="hi", max_tokens=4, temperature=0)
+    routed = client.completions.create(model="a0", prompt="hi", max_tokens=4, temperature=0,
+                                       extra_headers={ROUTING_HEADER: "a1"})
+    assert routed.choices[0].text == plain.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="names no adapter"):
+        client.completions.create(model="base:", prompt="hi", max_tokens=2)
+
+
+def test_a_passed_deadline_is_504_and_frees_the_row(server, client):
+    with pytest.raises(openai.InternalServerError) as info:
+        client.completions.create(model="a0", prompt="Tell me a long story", max_tokens=1900,
+                                  extra_headers={"x-lorad-timeout": "0.2"})
+    assert info.value.status_code == 504 and info.value.body["code"] == "deadline_exceeded"
+    assert wait_gauges_idle(server.server.metrics_port) == (0.0, 0.0)
+    with pytest.raises(openai.BadRequestError, match="x-lorad-timeout"):
+        client.completions.create(model="a0", prompt="hi", max_tokens=2, extra_headers={"x-lorad-timeout": "soon"})
 
 
 def test_raw_http_bad_json_wrong_types_huge_bodies_and_unknown_paths(server, base_url):
