@@ -5,14 +5,17 @@ and through the official `openai` client, interleaved, sequential (one request i
     .venv/bin/python benchmarks/bench_http.py [--requests 40] [--adapter]
 
 Modes: unary with 1 generated token (the transport's share is largest there), unary with 16
-tokens, streaming with 16 tokens. Prints the median and p90 per transport, the median of the
-per-pair differences (HTTP - gRPC), the CPU path and the load average. Client and server share
-this process (and its GIL), as in the tests; both transports pay that alike.
+tokens, streaming with 16 tokens. Three clients: lorad's gRPC client, the `openai` SDK, and a
+bare httpx client posting the same JSON (what the server side of HTTP costs, without the SDK's
+own parsing). Prints medians and p90s, the median of the per-round differences against gRPC,
+the CPU path and the load average. The server is `lorad serve` in its own process, as users run
+it (a client in the server's process would compete with it for the GIL).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -26,33 +29,45 @@ def main() -> None:
     parser.add_argument("--adapter", action="store_true", help="send every request to a rank-16 adapter")
     args = parser.parse_args()
 
-    import torch
+    import httpx
     from openai import OpenAI
 
-    from lorad.base_model import BaseModelConfig, load_base
+    from transformers import AutoConfig
+
+    from lorad.base_model import embedded_model_dir
     from lorad.clients import Client
     from lorad.cpu_features import detect
     from lorad.geometry import ModelGeometry
-    from lorad.server.config import EngineConfig, ServerConfig
-    from lorad.testing import ServerThread, write_random_adapter
+    from lorad.testing import ServeProcess, write_random_adapter
 
-    base = load_base(BaseModelConfig())
-    root = Path(tempfile.mkdtemp(prefix="lorad-bench-http-"))
-    write_random_adapter(root / "bench", ModelGeometry.from_hf_config(base.model.config), rank=16, seed=0, b_std=0.01)
+    tmp = Path(tempfile.mkdtemp(prefix="lorad-bench-http-"))
+    geometry = ModelGeometry.from_hf_config(AutoConfig.from_pretrained(embedded_model_dir()))
+    write_random_adapter(tmp / "adapters" / "bench", geometry, rank=16, seed=0, b_std=0.01)
     adapter = "bench" if args.adapter else None
-    cfg = ServerConfig(host="127.0.0.1", port=0, metrics_port=None, http_port=0, adapters_dir=str(root),
-                       base=BaseModelConfig(), engine=EngineConfig(max_seq_len=256, kv_cache_memory="64MiB",
-                                                                   max_lora_rank=16, max_loras=2))
     prompt = "The history of the Roman Empire began"  # a continuation: it runs to max_tokens, no early EOS
-    with ServerThread(cfg, base) as srv, Client(f"127.0.0.1:{srv.port}", timeout=300) as grpc_client, \
-            OpenAI(base_url=f"http://127.0.0.1:{srv.server.http_port}/v1", api_key="unused", max_retries=0) as oai:
-        model = adapter or srv.server.http_api.base_name
+    serve = ServeProcess(["--adapters", str(tmp / "adapters"), "--http-port", "0", "--max-seq-len", "256",
+                          "--kv-cache-memory", "64MiB", "--max-lora-rank", "16", "--max-loras", "2"], tmp / "serve.log")
+    with serve as srv, Client(srv.target, timeout=300) as grpc_client, \
+            OpenAI(base_url=srv.http_url, api_key="unused", max_retries=0) as oai, \
+            httpx.Client(base_url=srv.http_url, timeout=300) as bare:
+        model = adapter or oai.models.list().data[0].id
 
         def grpc_unary(n):
             return grpc_client.generate(prompt, adapter_id=adapter, max_new_tokens=n).completion_tokens
 
         def http_unary(n):
             return oai.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0).usage.completion_tokens
+
+        def bare_unary(n):
+            body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0}
+            return bare.post("/completions", json=body).json()["usage"]["completion_tokens"]
+
+        def bare_stream(n):
+            body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            with bare.stream("POST", "/completions", json=body) as response:
+                events = [line for line in response.iter_lines() if line.startswith("data: {")]
+            return json.loads(events[-1][6:])["usage"]["completion_tokens"]
 
         def grpc_stream(n):
             return list(grpc_client.stream(prompt, adapter_id=adapter, max_new_tokens=n))[-1].completion_tokens
@@ -62,42 +77,46 @@ def main() -> None:
                                             stream_options={"include_usage": True})
             return list(chunks)[-1].usage.completion_tokens
 
-        modes = [("unary, 1 token", grpc_unary, http_unary, 1), ("unary, 16 tokens", grpc_unary, http_unary, 16),
-                 ("stream, 16 tokens", grpc_stream, http_stream, 16)]
-        for _, g, h, n in modes:  # warm both paths (tokenizer, adapter load, connections)
+        modes = [("unary, 1 token", {"grpc": grpc_unary, "openai": http_unary, "httpx": bare_unary}, 1),
+                 ("unary, 16 tokens", {"grpc": grpc_unary, "openai": http_unary, "httpx": bare_unary}, 16),
+                 ("stream, 16 tokens", {"grpc": grpc_stream, "openai": http_stream, "httpx": bare_stream}, 16)]
+        for _, calls, n in modes:  # warm every path (tokenizer, adapter load, connections)
             for _ in range(3):
-                g(n), h(n)
+                for call in calls.values():
+                    call(n)
         load_before = os.getloadavg()
         results = []
-        for name, g, h, n in modes:
-            times = {"grpc": [], "http": []}
-            tokens = {"grpc": 0, "http": 0}
+        for name, calls, n in modes:
+            times = {client: [] for client in calls}
+            tokens = {client: 0 for client in calls}
             for i in range(args.requests):
-                order = [("grpc", g), ("http", h)] if i % 2 == 0 else [("http", h), ("grpc", g)]
-                for transport, call in order:
+                order = list(calls.items())
+                order = order[i % 3:] + order[:i % 3]  # rotate who goes first
+                for client, call in order:
                     start = time.perf_counter()
-                    tokens[transport] += call(n)
-                    times[transport].append(time.perf_counter() - start)
-            assert tokens["grpc"] == tokens["http"], f"{name}: the transports generated different token counts {tokens}"
+                    tokens[client] += call(n)
+                    times[client].append(time.perf_counter() - start)
+            assert len(set(tokens.values())) == 1, f"{name}: the clients generated different token counts {tokens}"
             results.append((f"{name} ({tokens['grpc'] / args.requests:g} out)", times))
         load_after = os.getloadavg()
 
     cpu = detect()
     print(f"lorad HTTP vs gRPC, embedded SmolLM2-135M NF4 on CPU ({cpu.path} path; {cpu.describe()}), "
-          f"torch threads {torch.get_num_threads()}, {'adapter rank 16' if adapter else 'base, no adapter'}, "
+          f"server log {tmp / 'serve.log'}, {'adapter rank 16' if adapter else 'base, no adapter'}, "
           f"{args.requests} requests per transport and mode, sequential")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
-    print(f"{'mode':<30} {'gRPC median':>12} {'HTTP median':>12} {'gRPC p90':>10} {'HTTP p90':>10} "
-          f"{'HTTP-gRPC (median of pairs)':>28}")
-    for name, times in results:
-        g, h = times["grpc"], times["http"]
-        diff = statistics.median(b - a for a, b in zip(g, h))
+    print(f"{'mode':<28} {'gRPC':>9} {'openai':>9} {'httpx':>9}   {'p90 gRPC/openai/httpx':>24}   "
+          f"{'openai-gRPC':>11} {'httpx-gRPC':>10}  (medians; differences: median of rounds)")
 
-        def p90(xs):
-            return sorted(xs)[int(0.9 * (len(xs) - 1))]
+    def p90(xs):
+        return sorted(xs)[int(0.9 * (len(xs) - 1))]
 
-        print(f"{name:<30} {statistics.median(g) * 1e3:>10.1f}ms {statistics.median(h) * 1e3:>10.1f}ms "
-              f"{p90(g) * 1e3:>8.1f}ms {p90(h) * 1e3:>8.1f}ms {diff * 1e3:>+26.2f}ms")
+    for name, t in results:
+        med = {c: statistics.median(v) * 1e3 for c, v in t.items()}
+        diff = {c: statistics.median(b - a for a, b in zip(t["grpc"], t[c])) * 1e3 for c in ("openai", "httpx")}
+        p90s = "/".join(f"{p90(t[c]) * 1e3:.0f}" for c in ("grpc", "openai", "httpx"))
+        print(f"{name:<28} {med['grpc']:>7.1f}ms {med['openai']:>7.1f}ms {med['httpx']:>7.1f}ms   {p90s:>21} ms   "
+              f"{diff['openai']:>+9.1f}ms {diff['httpx']:>+8.1f}ms")
 
 
 if __name__ == "__main__":
