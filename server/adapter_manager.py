@@ -183,6 +183,14 @@ class AdapterManager:
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
 
+    def fail_pending(self, error: LoradError) -> None:
+        """Model thread, at shutdown: answer the commands still waiting (a load for a slot, an
+        unload for its running requests) with error."""
+        for command in [*self._pending_loads, *(d.command for d in self._drains)]:
+            if not command.done.done():
+                command.done.set_exception(error)
+        self._pending_loads, self._drains = [], []
+
     def list_adapters(self) -> list[AdapterStatus]:
         """Every adapter folder with its residency (any thread: disk facts plus the snapshot); a
         broken adapter is listed with its error, it never fails the listing."""
@@ -403,7 +411,6 @@ class AdapterManager:
         if held and held != command.digest:
             pinned = adapter_id in self._pinned
             self._retire(adapter_id)
-            self.observer.adapter_event("replace")
             if pinned:  # the pin moves to the new version once it is read
                 self._pending_loads.append(Load(adapter_id, pin=True))
                 self._start_load(adapter_id)

@@ -12,9 +12,13 @@ nothing in a staging or trash folder is ever listed or served.
 Publishing an upload: the files are written into a staging folder in the SAME parent as the
 published folders (rename is atomic only within one filesystem; a temp dir under /tmp would
 be a copy, EXDEV), each file fsynced, validated exactly like a folder adapter, the folder
-fsynced, renamed into place, the parent fsynced. A replace renames the old folder out to the
-trash first, then the new one in; the id is never half a folder. Delete renames the folder out
-first and removes it after.
+fsynced, renamed into place, the parent fsynced. A replace swaps the two folders in one
+renameat2(RENAME_EXCHANGE) (Linux), so a reader finds the old version or the new one, never no
+folder; the old one, now under the staging name, is then renamed into the trash. Where the
+filesystem cannot exchange, it falls back to two renames (old out, new in) under the publish
+lock, and a reader that finds no folder looks again holding that lock
+(lorad.server.adapter_store).
+The id is never half a folder. Delete renames the folder out first and removes it after.
 
 Crash safety (SIGKILL anywhere): an upload's staging folder holds an flock while it is written;
 `recover()` at start removes staging folders nobody holds, puts back an old version whose
@@ -26,6 +30,8 @@ Nothing here knows gRPC; errors are lorad.errors types.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
 import hashlib
 import logging
@@ -60,6 +66,53 @@ STAGING_PREFIX = ".lorad-upload-"
 TRASH_DIR = ".lorad-trash"
 LOCK_FILE = ".lorad-publish.lock"
 _STAGING_LOCK = ".lock"
+
+
+# --- atomic swap ------------------------------------------------------------------------------
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _load_renameat2():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):  # not glibc >= 2.28, or not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False where the OS or the
+    filesystem cannot, and then nothing moved. The standard library has no binding for it."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+@contextlib.contextmanager
+def renames_paused(root: Path):
+    """Hold off every publisher (of any process) from renaming folders under root for the block:
+    a reader that found an id's folder missing looks once more inside it."""
+    try:
+        handle = open(root / LOCK_FILE, "rb")
+    except FileNotFoundError:  # nothing was ever published here
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        yield
 
 
 # --- digests ----------------------------------------------------------------------------------
@@ -212,10 +265,16 @@ class AdapterPublisher:
                     raise AdapterExistsError(
                         f"adapter {upload.adapter_id!r} already exists; upload with replace to replace it")
                 published.replaced = True
-                published.previous_digest = adapter_digest(target)
-                published.previous_trash = self._rename_out(upload.adapter_id, "replace")
-            os.replace(upload.staging, target)
+                if exchange(upload.staging, target):  # the old version is now under the staging name
+                    published.previous_trash = self._to_trash(upload.staging, upload.adapter_id, "replace")
+                else:
+                    published.previous_trash = self._rename_out(upload.adapter_id, "replace")
+                    os.replace(upload.staging, target)
+            else:
+                os.replace(upload.staging, target)
             _fsync_dir(self.root)
+        if published.replaced:  # read outside the lock: readers of a missing folder wait on it
+            published.previous_digest = adapter_digest(published.previous_trash)
         log.info("published adapter %s (%s)%s", upload.adapter_id, digest,
                  f", replacing {published.previous_digest}" if published.replaced else "")
         return published
@@ -223,11 +282,15 @@ class AdapterPublisher:
     # --- delete -----------------------------------------------------------------------------
 
     def _rename_out(self, adapter_id: str, op: str) -> Path:
+        return self._to_trash(self.root / adapter_id, adapter_id, op)
+
+    def _to_trash(self, folder: Path, adapter_id: str, op: str) -> Path:
         self.trash.mkdir(exist_ok=True)
         out = self.trash / f"{op}-{adapter_id}-{secrets.token_hex(4)}"
-        os.replace(self.root / adapter_id, out)
+        os.replace(folder, out)
         _fsync_dir(self.root)
         return out
+
 
     def retire(self, adapter_id: str) -> Path:
         """Rename an adapter's folder out of the adapters folder (the first half of a delete);

@@ -159,9 +159,11 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
             publisher = self._publisher()
             report = await self._command(Delete(request.id), context)
             loop = asyncio.get_running_loop()
+            # the version deleted: the one in memory, else the files' (an adapter only on disk)
+            digest = report.digest or await loop.run_in_executor(None, self.digests.digest, publisher.root / request.id)
             trash = await loop.run_in_executor(None, publisher.retire, request.id)
             await loop.run_in_executor(None, publisher.purge, trash)
-            return lorad_pb2.DeleteAdapterResponse(id=request.id, digest=report.digest,
+            return lorad_pb2.DeleteAdapterResponse(id=request.id, digest=digest,
                                                    requests_drained=report.requests_drained, seconds=report.seconds)
         except Exception as exc:
             await self._fail(context, exc)
@@ -204,7 +206,10 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
             # the model thread retires a replaced version (its running requests finish on it)
             await self._command(Published(header.id, digest=published.digest), context)
             await loop.run_in_executor(None, publisher.purge, published.previous_trash)
-            self._engine().observer.adapter_event("upload")
+            observer = self._engine().observer
+            observer.adapter_event("upload")
+            if published.replaced:
+                observer.adapter_event("replace")
             listing = await loop.run_in_executor(None, self._listing)
         except Exception as exc:
             await self._fail(context, exc)

@@ -29,7 +29,7 @@ from lorad.adapter_format import (
 from lorad.errors import AdapterNotFoundError, InvalidAdapterError, InvalidRequestError
 from lorad.geometry import ModelGeometry
 
-from lorad.server.adapter_publish import adapter_digest, files_stamp
+from lorad.server.adapter_publish import adapter_digest, files_stamp, renames_paused
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,13 @@ class AdapterStore:
         if self.root is None:
             raise AdapterNotFoundError(f"adapter {adapter_id!r} not found: this server was started without --adapters")
         path = (self.root / adapter_id).resolve()
+        found = (path / CONFIG_FILE).is_file()
+        if not found:  # maybe mid-replace on a filesystem without an atomic exchange: look again
+            with renames_paused(self.root):
+                path = (self.root / adapter_id).resolve()
+                found = (path / CONFIG_FILE).is_file()
         # a folder that is a symlink out of the adapters folder is not an adapter of this server
-        if path.parent != self.root or not (path / CONFIG_FILE).is_file():
+        if path.parent != self.root or not found:
             raise AdapterNotFoundError(f"adapter {adapter_id!r} not found")
         return path
 

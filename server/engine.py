@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from typing import Callable
 
 import torch
@@ -54,7 +55,7 @@ from lorad.server.model_runner import LlamaRunner, SeqChunk, StepBatch
 from lorad.server.model_thread import ModelThread
 from lorad.server.observer import EngineObserver
 from lorad.server.residency import AdapterResidency
-from lorad.server.requests import Event, Request
+from lorad.server.requests import Event, Probe, Request
 from lorad.server.sampling import SamplingParams, make_generator, sample_tokens
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,21 @@ class Engine:
             self._messages.append(message)
             self._cv.notify()
 
+    def probe(self, fn: Callable[["Engine"], object]) -> Future:
+        """Run fn(engine) on the model thread at the end of a loop iteration (any thread; tests)."""
+        probe = Probe(fn)
+        self.post(probe)
+        return probe.done
+
+    def _answer(self, probes: list[Probe]) -> None:
+        for probe in probes:
+            if probe.done.done():
+                continue
+            try:
+                probe.done.set_result(probe.fn(self))
+            except BaseException as exc:  # noqa: BLE001 - the caller gets it (an AssertionError, say)
+                probe.done.set_exception(exc)
+
     def list_adapters(self) -> list[AdapterStatus]:
         """Every adapter folder with its state (any thread; see AdapterManager.list_adapters)."""
         return self.adapters.list_adapters()
@@ -308,10 +324,12 @@ class Engine:
                     self._inbox.clear()
                     cancels, self._cancels = self._cancels, set()
                     messages, self._messages = self._messages, deque()
+                probes = [m for m in messages if isinstance(m, Probe)]
                 try:
                     self._reap(cancels)
                     for message in messages:
-                        self.adapters.handle(message)
+                        if not isinstance(message, Probe):
+                            self.adapters.handle(message)
                     self.adapters.progress()
                     self._admit()
                     self._publish_counts()
@@ -321,6 +339,7 @@ class Engine:
                         self._step()
                         self._publish_counts()
                         self._publish_residency()
+                    self._answer(probes)
                     if not stepped and self._waiting:
                         with self._cv:  # waiting only on adapter loads: sleep until one finishes
                             self._cv.wait(timeout=0.05)
@@ -330,6 +349,7 @@ class Engine:
                         self._finish_error(request, LoradError("internal error in the engine step; see the server log"))
                     self._publish_counts()
                     self._publish_residency()
+                    self._answer(probes)
         except Exception:  # the handler above failed: the loop cannot go on
             log.critical("engine loop died; failing every request and refusing new ones", exc_info=True)
         finally:  # nobody may be left waiting on a dead loop
@@ -364,6 +384,12 @@ class Engine:
         with self._cv:
             self._waiting.extend(self._inbox)
             self._inbox.clear()
+            messages, self._messages = self._messages, deque()
+        for message in messages:  # commands and probes nobody will handle now
+            done = getattr(message, "done", None)
+            if done is not None and not done.done():
+                done.set_exception(err)
+        self.adapters.fail_pending(err)
         for request in list(self._running):
             try:
                 self._finish_error(request, err)

@@ -1,8 +1,9 @@
-"""What flows through the engine: a request (its prompt, parameters and progress) and the events
-its sink receives. Shared by the engine, the frontend and every transport."""
+"""What flows through the engine: a request (its prompt, parameters and progress), the events
+its sink receives, and probes. Shared by the engine, the frontend and every transport."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -12,6 +13,7 @@ from lorad.errors import LoradError
 
 from lorad.server.detokenizer import IncrementalDetokenizer
 from lorad.server.sampling import SamplingParams
+
 
 @dataclass
 class Event:
@@ -58,3 +60,13 @@ class Request:
     @property
     def total_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass(eq=False)
+class Probe:
+    """fn(engine), run on the model thread at the end of a loop iteration, where the engine's and
+    the adapter manager's tables agree with each other; `done` gets its result or its exception.
+    For tests and debugging: the one way another thread may look at the model thread's tables."""
+
+    fn: Callable[[object], object]
+    done: Future = field(default_factory=Future)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ from lorad.errors import (
     LimitExceededError,
 )
 from lorad.geometry import ModelGeometry
-from lorad.server import base_match
+from lorad.server import adapter_publish, base_match
+from lorad.server.adapter_store import AdapterStore
 from lorad.server.adapter_publish import (
     STAGING_PREFIX,
     TRASH_DIR,
@@ -160,6 +162,44 @@ def test_replace_swaps_versions_and_trash_is_purged(tmp_path, source):
     assert published.previous_trash.parent == root / TRASH_DIR and published.previous_trash.is_dir()
     publisher.purge(published.previous_trash)
     assert not published.previous_trash.exists()
+
+
+@pytest.mark.parametrize("atomic_exchange", [True, False], ids=["exchange", "two-renames"])
+def test_a_reader_never_finds_a_replaced_id_missing(tmp_path, source, monkeypatch, atomic_exchange):
+    """While an id is replaced again and again, a reader asking the store for it always gets a
+    folder: at once where the filesystem swaps the two folders in one call (Linux
+    renameat2 RENAME_EXCHANGE), by waiting for the publish lock where it cannot."""
+    if not atomic_exchange:
+        monkeypatch.setattr(adapter_publish, "exchange", lambda a, b: False)
+    root = tmp_path / "adapters"
+    publisher = AdapterPublisher(root)
+    store = AdapterStore(root, GEOMETRY, max_rank=8)
+    versions = [source, write_random_adapter(tmp_path / "v2", GEOMETRY, rank=2, seed=2)]
+    with publisher.begin("x") as upload:
+        _send(upload, source)
+        upload.finish(lambda p: None)
+    stop, misses, reads = threading.Event(), [], [0]
+
+    def read():
+        while not stop.is_set():
+            try:
+                store.path_for("x")
+                reads[0] += 1
+            except AdapterNotFoundError as err:
+                misses.append(str(err))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(60):
+            with publisher.begin("x", replace=True) as upload:
+                _send(upload, versions[i % 2], chunk=1 << 20)
+                publisher.purge(upload.finish(lambda p: None).previous_trash)
+    finally:
+        stop.set()
+        reader.join()
+    assert reads[0] > 0 and not misses, (reads, misses[:3])
+    assert adapter_digest(root / "x") == adapter_digest(versions[1]) and not list((root / TRASH_DIR).iterdir())
 
 
 def test_delete_renames_out_first(tmp_path, source):
