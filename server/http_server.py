@@ -1,5 +1,6 @@
 """uvicorn inside the server's event loop: the HTTP API shares the loop (and so the request path
-and the engine) with grpc.aio. Start, bound port, graceful stop; a body-size limit in front.
+and the engine) with grpc.aio. Start, bound port, graceful stop; BodyLimit, the ASGI guard that
+keeps oversized bodies out.
 
 Signals stay with lorad.server.app (drain, then grace): uvicorn's own SIGINT/SIGTERM capture is
 turned off here, or it would stop the HTTP side on its own schedule.
@@ -81,9 +82,9 @@ class BodyLimit:
 
 
 class HttpServer:
-    def __init__(self, app, max_body_bytes: int, tls_cert: str | None = None, tls_key: str | None = None,
+    def __init__(self, app, tls_cert: str | None = None, tls_key: str | None = None,
                  tls_client_ca: str | None = None):
-        self.app = BodyLimit(app, max_body_bytes)
+        self.app = app
         self.tls = dict(ssl_certfile=tls_cert, ssl_keyfile=tls_key)
         if tls_client_ca:
             self.tls.update(ssl_ca_certs=tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)

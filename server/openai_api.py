@@ -41,6 +41,7 @@ from lorad.errors import AdapterNotFoundError, InvalidRequestError, LoradError, 
 from lorad.server.adapter_service import LOCATIONS
 from lorad.server.auth import INFERENCE_SERVICE, AccessPolicy
 from lorad.server.frontend import Frontend, GenerationInput
+from lorad.server.http_server import BodyLimit
 from lorad.server.openai_schema import ChatCompletionBody, CompletionBody
 from lorad.server.readiness import Readiness
 from lorad.server.requests import Event
@@ -89,6 +90,26 @@ def error_body(error: BaseException) -> tuple[int, dict, dict]:
     body = {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
             "param": match.group(1) if match else None, "code": status_for(error).name.lower()}
     return status, body, headers
+
+
+class _Authorize:
+    """ASGI middleware: /v1/ paths need the API token (when the server has one) before anything
+    else happens, so a caller without it learns nothing from how its body is judged."""
+
+    def __init__(self, app, api: "OpenAIApi"):
+        self.app = app
+        self.api = api
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+            error = self.api.policy.refusal(f"/{INFERENCE_SERVICE}/Generate",
+                                            [("authorization", header)] if header else [])
+            if error is not None:
+                self.api.count_refusal(status_for(error).name.lower())
+                status, body, headers = error_body(error)
+                return await JSONResponse({"error": body}, status_code=status, headers=headers)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class _ClientGone(Exception):
@@ -205,7 +226,8 @@ def _sse(data: dict | str) -> str:
 
 class OpenAIApi:
     def __init__(self, frontend: Frontend, readiness: Readiness, policy: AccessPolicy,
-                 listing: Callable[[], Awaitable], base_name: str, observer=None, max_concurrency: int = 1024):
+                 listing: Callable[[], Awaitable], base_name: str, observer=None, max_concurrency: int = 1024,
+                 max_body_bytes: int = 4 * 2**20):
         self.frontend = frontend
         self.readiness = readiness
         self.policy = policy
@@ -215,7 +237,8 @@ class OpenAIApi:
         self.max_concurrency = max_concurrency
         self.in_flight = 0
         self.started = int(time.time())
-        self.app = self._build()
+        # the ASGI app uvicorn serves: token first, then the body's size, then FastAPI
+        self.app = _Authorize(BodyLimit(self._build(), max_body_bytes), self)
 
     # --- the app ----------------------------------------------------------------------------
 
@@ -229,7 +252,7 @@ class OpenAIApi:
 
         @app.exception_handler(RequestValidationError)
         async def invalid_body(_request, exc: RequestValidationError):
-            self._refused("invalid_argument")
+            self.count_refusal("invalid_argument")
             message, param = _validation_message(exc)
             return error_response(400, message, param=param, code="invalid_argument")
 
@@ -252,13 +275,11 @@ class OpenAIApi:
                             headers={"Cache-Control": "no-store"})
 
         @app.get("/v1/models")
-        async def models(request: Request):
-            self._authorize(request)
+        async def models():
             return {"object": "list", "data": await self._models()}
 
         @app.get("/v1/models/{model_id:path}")
-        async def model(request: Request, model_id: str):
-            self._authorize(request)
+        async def model(model_id: str):
             for entry in await self._models():
                 if entry["id"] == model_id:
                     return entry
@@ -276,17 +297,10 @@ class OpenAIApi:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _refused(self, kind: str) -> None:
+    def count_refusal(self, kind: str) -> None:
         if self.observer is not None:
             self.observer.request_failed(kind)
             self.observer.transport_request("http", "error", 0.0)
-
-    def _authorize(self, request: Request) -> None:
-        header = request.headers.get("authorization")
-        error = self.policy.refusal(f"/{INFERENCE_SERVICE}/Generate", [("authorization", header)] if header else [])
-        if error is not None:
-            self._refused(status_for(error).name.lower())
-            raise error
 
     def _adapter_for(self, model: str) -> str | None:
         """The adapter id `model` names (None = the base)."""
@@ -316,7 +330,6 @@ class OpenAIApi:
     # --- generation ---------------------------------------------------------------------------
 
     async def _generate(self, request: Request, body: CompletionBody | ChatCompletionBody, chat: bool):
-        self._authorize(request)
         try:
             engine = self.frontend.engine_or_raise()
             body.refuse_unsupported()
@@ -333,7 +346,7 @@ class OpenAIApi:
                 raise QueueFullError(f"this server is answering {self.in_flight} HTTP generation requests "
                                      "(--http-max-concurrency); retry later")
         except LoradError as exc:
-            self._refused(status_for(exc).name.lower())
+            self.count_refusal(status_for(exc).name.lower())
             raise
         shaper = _Shaper(chat, body.model, adapter, engine.tokenizer, logprobs, bool(body.return_token_ids))
         observer = self.observer

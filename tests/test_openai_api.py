@@ -362,6 +362,8 @@ def test_the_api_token_is_a_bearer_token_on_http_too(guarded):
     anonymous = httpx.post(f"{url}/completions", json={"model": "a0", "prompt": "hi"}, timeout=10)
     assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"] == "Bearer"
     assert "Bearer" in anonymous.json()["error"]["message"]
+    # the token is checked before the body is judged
+    assert httpx.post(f"{url}/completions", content=b"{not json", timeout=10).status_code == 401
     with OpenAI(base_url=url, api_key=API_TOKEN, max_retries=0) as good:
         assert good.completions.create(model="a0", prompt="hi", max_tokens=2).usage.completion_tokens >= 1
     assert httpx.get(url.removesuffix("/v1") + "/ready", timeout=10).status_code == 200  # probes stay open
