@@ -399,3 +399,79 @@ def test_lorad_serve_http_port_answers_the_openai_client(tiny_base_dir, adapters
     finally:
         code = srv.stop()
     assert code == 0, (tmp_path / "serve.log").read_text()[-2000:]
+
+
+# --- behind HAProxy -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["affinity", "roundrobin"])
+def test_haproxy_http_frontends_are_valid(tmp_path, policy):
+    from lorad.haproxy import BalancerConfig, Replica, check_config, find_haproxy, render
+
+    replicas = [Replica(f"r{i}", f"127.0.0.1:{50061 + i}", 9401 + i, id=i + 1, http_address=f"127.0.0.1:{8001 + i}")
+                for i in range(3)]
+    text = render(BalancerConfig(policy=policy, http_bind="127.0.0.1:8000"), replicas)
+    assert "frontend lorad_http" in text and "server r2 127.0.0.1:8003 id 3 port 9403" in text
+    assert "frontend lorad_http" not in render(BalancerConfig(policy=policy), replicas)
+    with pytest.raises(Exception, match="http_bind"):
+        render(BalancerConfig(http_bind="127.0.0.1:8000"), [Replica("r0", "127.0.0.1:1", 2, id=1)])
+    if find_haproxy() is None:
+        pytest.skip("haproxy is not installed (apt-get install haproxy)")
+    (tmp_path / "haproxy.cfg").write_text(text)
+    check_config(tmp_path / "haproxy.cfg")
+
+
+def test_cluster_config_prints_the_http_frontend():
+    from click.testing import CliRunner
+
+    from lorad.cli import main
+
+    out = CliRunner().invoke(main, ["cluster", "config", "--http-bind", "127.0.0.1:8000",
+                                    "--server", "10.0.0.5:50051:9400:8001", "--server", "[::1]:50052:9401:8002"])
+    assert out.exit_code == 0, out.output
+    assert "server r0 10.0.0.5:50051 id 1 port 9400" in out.output
+    assert "server r0 10.0.0.5:8001 id 1 port 9400" in out.output and "server r1 [::1]:8002 id 2 port 9401" in out.output
+    missing = CliRunner().invoke(main, ["cluster", "config", "--http-bind", ":8000", "--server", "10.0.0.5:50051:9400"])
+    assert missing.exit_code != 0 and "HTTP API" in missing.output
+
+
+def test_behind_haproxy_an_adapters_requests_go_to_one_replica(long_base, adapters_dir, tmp_path):
+    """Two replicas behind a real HAProxy: by the body's "model" (the SDK sends no header) and by
+    the x-lorad-adapter header, each adapter's requests all reach one replica."""
+    from lorad.haproxy import BalancerConfig, HAProxyProcess, Replica, find_haproxy, free_port, render
+
+    if find_haproxy() is None:
+        pytest.skip("haproxy is not installed (apt-get install haproxy)")
+    config = server_config(adapters_dir, server=dict(http_port=0), max_seq_len=2048)
+    with ServerThread(config, long_base) as r0, ServerThread(config, long_base) as r1:
+        replicas = [Replica(f"r{i}", f"127.0.0.1:{r.port}", r.server.metrics_port, id=i + 1,
+                            http_address=f"127.0.0.1:{r.server.http_port}") for i, r in enumerate((r0, r1))]
+        port = free_port()
+        balancer = BalancerConfig(bind=f"127.0.0.1:{free_port()}", http_bind=f"127.0.0.1:{port}",
+                                  runtime_socket=str(tmp_path / "haproxy.sock"), check_interval="200ms")
+        proxy = HAProxyProcess(render(balancer, replicas), tmp_path).start("127.0.0.1", port)
+        try:
+            def served(replica) -> float:
+                return _metric(replica, 'lorad_transport_requests_total{outcome="ok",transport="http"}')
+
+            with OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=2, timeout=60) as c:
+                assert wait_for(lambda: _ready_through(c), timeout=20)
+                for adapter in ("a0", "a1"):
+                    before = [served(r) for r in (r0, r1)]
+                    for _ in range(4):
+                        out = c.completions.create(model=adapter, prompt="hi", max_tokens=2, temperature=0)
+                        assert out.system_fingerprint.startswith(f"lorad:{adapter}@")
+                    for _ in range(2):
+                        c.completions.create(model=adapter, prompt="hi", max_tokens=2,
+                                             extra_headers={ROUTING_HEADER: adapter})
+                    delta = sorted(served(r) - b for r, b in zip((r0, r1), before))
+                    assert delta == [0.0, 6.0], f"{adapter}: requests per replica {delta}"
+        finally:
+            proxy.stop()
+
+
+def _ready_through(client) -> bool:
+    try:
+        return bool(client.models.list().data)
+    except openai.APIError:
+        return False
