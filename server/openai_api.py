@@ -23,7 +23,6 @@ non-streaming request generates.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
@@ -142,15 +141,16 @@ async def _unless_disconnected(request: Request, awaitable):
     gone = asyncio.ensure_future(_disconnected(request.receive))
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server is stopping: take the work down with the handler
+        work.cancel()
+        raise
     finally:
-        if not work.done():
-            work.cancel()
-            with contextlib.suppress(BaseException):
-                await work
-            gone.cancel()
-            raise _ClientGone()
         gone.cancel()
-    return work.result()
+    if work.done():
+        return work.result()
+    work.cancel()  # its request is cancelled as the frontend's iterator unwinds
+    await asyncio.wait({work})
+    raise _ClientGone()
 
 
 class _Shaper:

@@ -401,6 +401,35 @@ def test_lorad_serve_http_port_answers_the_openai_client(tiny_base_dir, adapters
     assert code == 0, (tmp_path / "serve.log").read_text()[-2000:]
 
 
+def test_while_the_base_loads_probes_say_so_and_requests_get_503(long_base, adapters_dir):
+    import threading
+
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(60)
+        return long_base
+
+    srv = ServerThread(server_config(adapters_dir, server=dict(http_port=0), max_seq_len=2048), slow_load)
+    try:
+        assert wait_for(lambda: srv.server.http_port is not None, timeout=30)
+        root = f"http://127.0.0.1:{srv.server.http_port}"
+        assert httpx.get(f"{root}/health", timeout=10).status_code == 200
+        assert httpx.get(f"{root}/ready", timeout=10).json()["status"] == "starting"
+        with OpenAI(base_url=f"{root}/v1", api_key="unused", max_retries=0) as c:
+            with pytest.raises(openai.InternalServerError) as info:
+                c.completions.create(model="a0", prompt="hi", max_tokens=2)
+            assert info.value.status_code == 503 and info.value.response.headers["retry-after"] == "1"
+            assert "loading" in info.value.body["message"]
+            release.set()
+            srv.wait_started()
+            assert httpx.get(f"{root}/ready", timeout=10).status_code == 200
+            assert c.completions.create(model="a0", prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+    finally:
+        release.set()
+        srv.stop()
+
+
 # --- behind HAProxy -----------------------------------------------------------------------------
 
 
