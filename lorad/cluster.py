@@ -227,6 +227,9 @@ class LocalCluster:
             raise LoradError(f"replicas {', '.join(r.name for r in pending)} not ready after {timeout:.0f} s "
                              f"(logs in {self.workdir})")
         wait_servers(self.runtime_socket, [r.name for r in self.replicas], max(10.0, deadline - time.monotonic()))
+        if self.http_port:
+            wait_servers(self.runtime_socket, [r.name for r in self.replicas], max(10.0, deadline - time.monotonic()),
+                         backend="lorad_http")
 
     def stop(self, timeout: float = 60.0) -> None:
         """Drain every replica (SIGTERM: finish in-flight requests), then stop HAProxy."""

@@ -464,43 +464,33 @@ def test_cluster_config_prints_the_http_frontend():
     assert missing.exit_code != 0 and "HTTP API" in missing.output
 
 
-def test_behind_haproxy_an_adapters_requests_go_to_one_replica(long_base, adapters_dir, tmp_path):
-    """Two replicas behind a real HAProxy: by the body's "model" (the SDK sends no header) and by
-    the x-lorad-adapter header, each adapter's requests all reach one replica."""
-    from lorad.haproxy import BalancerConfig, HAProxyProcess, Replica, find_haproxy, free_port, render
+def test_lorad_cluster_http_port_keeps_each_adapter_on_one_replica(tiny_base_dir, adapters_dir, tmp_path):
+    """`lorad cluster up --http-port`: two real replicas behind a real HAProxy. By the body's
+    "model" (the SDK sends no header) and by the x-lorad-adapter header, all of an adapter's
+    requests reach one replica."""
+    from lorad.cluster import ClusterConfig, LocalCluster, MetricsSnapshot
+    from lorad.haproxy import find_haproxy
 
     if find_haproxy() is None:
         pytest.skip("haproxy is not installed (apt-get install haproxy)")
-    config = server_config(adapters_dir, server=dict(http_port=0), max_seq_len=2048)
-    with ServerThread(config, long_base) as r0, ServerThread(config, long_base) as r1:
-        replicas = [Replica(f"r{i}", f"127.0.0.1:{r.port}", r.server.metrics_port, id=i + 1,
-                            http_address=f"127.0.0.1:{r.server.http_port}") for i, r in enumerate((r0, r1))]
-        port = free_port()
-        balancer = BalancerConfig(bind=f"127.0.0.1:{free_port()}", http_bind=f"127.0.0.1:{port}",
-                                  runtime_socket=str(tmp_path / "haproxy.sock"), check_interval="200ms")
-        proxy = HAProxyProcess(render(balancer, replicas), tmp_path).start("127.0.0.1", port)
-        try:
-            def served(replica) -> float:
-                return _metric(replica, 'lorad_transport_requests_total{outcome="ok",transport="http"}')
+    config = ClusterConfig(
+        replicas=2, port=0, http_port=0, adapters_dir=str(adapters_dir), base=str(tiny_base_dir),
+        kv_cache_memory="16MiB", max_seq_len=256, threads=1, drain_seconds=0.0, workdir=str(tmp_path),
+        serve_args=("--quant", "none", "--max-loras", "2", "--max-cpu-loras", "4", "--max-lora-rank", "16"))
+    with LocalCluster(config) as local:
+        def served() -> list[float]:
+            return [MetricsSnapshot(r.metrics()).sum("lorad_transport_requests_total", transport="http", outcome="ok")
+                    for r in local.replicas]
 
-            with OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=2, timeout=60) as c:
-                assert wait_for(lambda: _ready_through(c), timeout=20)
-                for adapter in ("a0", "a1"):
-                    before = [served(r) for r in (r0, r1)]
-                    for _ in range(4):
-                        out = c.completions.create(model=adapter, prompt="hi", max_tokens=2, temperature=0)
-                        assert out.system_fingerprint.startswith(f"lorad:{adapter}@")
-                    for _ in range(2):
-                        c.completions.create(model=adapter, prompt="hi", max_tokens=2,
-                                             extra_headers={ROUTING_HEADER: adapter})
-                    delta = sorted(served(r) - b for r, b in zip((r0, r1), before))
-                    assert delta == [0.0, 6.0], f"{adapter}: requests per replica {delta}"
-        finally:
-            proxy.stop()
-
-
-def _ready_through(client) -> bool:
-    try:
-        return bool(client.models.list().data)
-    except openai.APIError:
-        return False
+        with OpenAI(base_url=f"http://127.0.0.1:{local.http_port}/v1", api_key="unused", max_retries=0,
+                    timeout=60) as c:
+            assert {"a0", "a1"} <= {m.id for m in c.models.list()}
+            for adapter in ("a0", "a1"):
+                before = served()
+                for _ in range(4):
+                    out = c.completions.create(model=adapter, prompt="hi", max_tokens=2, temperature=0)
+                    assert out.system_fingerprint.startswith(f"lorad:{adapter}@")
+                for _ in range(2):
+                    c.completions.create(model=adapter, prompt="hi", max_tokens=2, extra_headers={ROUTING_HEADER: adapter})
+                delta = sorted(after - b for after, b in zip(served(), before))
+                assert delta == [0.0, 6.0], f"{adapter}: requests per replica {delta}"
