@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
-import time
 
 import httpx
 import openai
@@ -396,6 +396,13 @@ def test_lorad_serve_http_port_answers_the_openai_client(tiny_base_dir, adapters
             grpc_out = Client(srv.target, timeout=60).generate("hello", adapter_id="a1", max_new_tokens=5)
             http_out = c.completions.create(model="a1", prompt="hello", max_tokens=5, temperature=0)
             assert http_out.choices[0].text == grpc_out.text
+            # SIGTERM with a stream in flight: it runs to its end within --grace, then the process exits 0
+            stream = iter(c.completions.create(model="a0", prompt="Tell me", max_tokens=200, temperature=0,
+                                               stream=True, stream_options={"include_usage": True}))
+            next(stream)
+            srv.proc.send_signal(signal.SIGTERM)
+            rest = list(stream)
+            assert rest[-1].usage.completion_tokens == 200 and rest[-2].choices[0].finish_reason == "length"
     finally:
         code = srv.stop()
     assert code == 0, (tmp_path / "serve.log").read_text()[-2000:]
