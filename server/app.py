@@ -111,12 +111,12 @@ class LoradServer:
             http_host = cfg.http_host or cfg.host
             if not is_loopback(http_host) and not cfg.tls:
                 log.warning("HTTP API on %s without TLS: prompts and tokens cross the network in clear", http_host)
-
             self.http_api = OpenAIApi(self.frontend, self.readiness, policy, listing=self.admin.listing,
                                       base_name=cfg.base.name, observer=self.metrics,
                                       max_concurrency=cfg.http_max_concurrency,
                                       max_body_bytes=cfg.max_request_bytes)
-            self.http = HttpServer(self.http_api.app, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key, tls_client_ca=cfg.tls_client_ca)
+            self.http = HttpServer(self.http_api.app, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
+                                   tls_client_ca=cfg.tls_client_ca)
             self.http_port = await self.http.start(http_host, cfg.http_port)
             log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1 (/ready 503 until the base is loaded)",
                      "https" if cfg.tls else "http", http_host, self.http_port)

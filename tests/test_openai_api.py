@@ -437,6 +437,26 @@ def test_while_the_base_loads_probes_say_so_and_requests_get_503(long_base, adap
         srv.stop()
 
 
+def test_with_tls_the_http_api_is_https_with_the_same_certificate(long_base, adapters_dir, tmp_path):
+    import ssl
+
+    from test_mgmt_access import _cert
+
+    ca_cert, ca_key, ca_pem, _ = _cert(tmp_path, "ca", ca=True)
+    _, _, server_pem, server_key = _cert(tmp_path, "server", issuer=(ca_cert, ca_key))
+    config = server_config(adapters_dir, server=dict(http_port=0, tls_cert=server_pem, tls_key=server_key),
+                           max_seq_len=2048)
+    with ServerThread(config, long_base) as srv:
+        url = f"https://127.0.0.1:{srv.server.http_port}/v1/completions"
+        body = {"model": "a0", "prompt": "hi", "max_tokens": 2}
+        answer = httpx.post(url, json=body, verify=ssl.create_default_context(cafile=ca_pem), timeout=30)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
+        with pytest.raises(httpx.ConnectError):
+            httpx.post(url, json=body, timeout=10)  # not trusted without the CA
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.post(url.replace("https", "http"), json=body, timeout=10)  # no plaintext
+
+
 # --- behind HAProxy -----------------------------------------------------------------------------
 
 
