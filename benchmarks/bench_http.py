@@ -3,6 +3,7 @@ engine (embedded SmolLM2-135M, NF4, CPU): the same greedy request through lorad'
 and through the official `openai` client, interleaved, sequential (one request in flight).
 
     .venv/bin/python benchmarks/bench_http.py [--requests 40] [--adapter]
+    .venv/bin/python benchmarks/bench_http.py --per-token [--tokens 400]
 
 Modes: unary with 1 generated token (the transport's share is largest there), unary with 16
 tokens, streaming with 16 tokens. Three clients: lorad's gRPC client, the `openai` SDK, and a
@@ -10,6 +11,10 @@ bare httpx client posting the same JSON (what the server side of HTTP costs, wit
 own parsing). Prints medians and p90s, the median of the per-round differences against gRPC,
 the CPU path and the load average. The server is `lorad serve` in its own process, as users run
 it (a client in the server's process would compete with it for the GIL).
+
+--per-token: what each streamed token costs a transport, on a server whose steps are cheap (the
+tiny random Llama of the tests, in this process): long greedy requests, unary and streamed,
+through gRPC and through bare httpx, as milliseconds per generated token.
 """
 
 from __future__ import annotations
@@ -27,7 +32,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=40, help="requests per transport and mode")
     parser.add_argument("--adapter", action="store_true", help="send every request to a rank-16 adapter")
+    parser.add_argument("--per-token", action="store_true", help="the per-token cost on the tiny model instead")
+    parser.add_argument("--tokens", type=int, default=400, help="tokens per request with --per-token")
     args = parser.parse_args()
+    if args.per_token:
+        return per_token(args.tokens, args.requests)
 
     import httpx
     from openai import OpenAI
@@ -117,6 +126,50 @@ def main() -> None:
         p90s = "/".join(f"{p90(t[c]) * 1e3:.0f}" for c in ("grpc", "openai", "httpx"))
         print(f"{name:<28} {med['grpc']:>7.1f}ms {med['openai']:>7.1f}ms {med['httpx']:>7.1f}ms   {p90s:>21} ms   "
               f"{diff['openai']:>+9.1f}ms {diff['httpx']:>+8.1f}ms")
+
+
+def per_token(tokens: int, requests: int) -> None:
+    import httpx
+    import torch
+    from transformers import AutoTokenizer
+
+    from lorad.base_model import BaseModelConfig, LoadedBase, ResolvedBase, embedded_model_dir
+    from lorad.clients import Client
+    from lorad.cpu_features import detect
+    from lorad.server.config import EngineConfig, ServerConfig
+    from lorad.testing import ServerThread, tiny_llama
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    model = tiny_llama(len(tokenizer), max_position_embeddings=tokens + 64)
+    base = LoadedBase(model=model, tokenizer=tokenizer, resolved=ResolvedBase("tiny", "local", "<memory>", "none"),
+                      device=torch.device("cpu"), compute_dtype=torch.float32)
+    cfg = ServerConfig(host="127.0.0.1", port=0, metrics_port=None, http_port=0, base=BaseModelConfig(),
+                       engine=EngineConfig(max_seq_len=tokens + 64, kv_cache_memory="64MiB",
+                                           default_max_new_tokens=tokens, max_new_tokens_limit=tokens))
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": tokens, "temperature": 0}
+    with ServerThread(cfg, base) as srv, Client(f"127.0.0.1:{srv.port}", timeout=300) as g, \
+            httpx.Client(base_url=f"http://127.0.0.1:{srv.server.http_port}/v1", timeout=300) as h:
+        def http_stream():
+            with h.stream("POST", "/completions", json={**body, "stream": True}) as response:
+                return sum(1 for _ in response.iter_lines())
+
+        calls = {"gRPC unary": lambda: g.generate("Hello", max_new_tokens=tokens),
+                 "HTTP unary": lambda: h.post("/completions", json=body).json(),
+                 "gRPC stream": lambda: list(g.stream("Hello", max_new_tokens=tokens)),
+                 "HTTP stream": http_stream}
+        for call in calls.values():
+            call()
+        times = {name: [] for name in calls}
+        load = os.getloadavg()[0]
+        for _ in range(requests):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    print(f"per generated token, tiny random Llama in this process, {tokens} tokens per request, {requests} "
+          f"requests each; {detect().path} path; load average {load:.2f} -> {os.getloadavg()[0]:.2f}")
+    for name, t in times.items():
+        print(f"  {name:<12} {statistics.median(t) / tokens * 1e3:6.2f} ms/token")
 
 
 if __name__ == "__main__":
