@@ -129,6 +129,20 @@ def test_chat_uses_the_chat_template_and_reports_logprobs(client, tokenizer):
     assert "".join(t.token for t in lps) == msg.content
 
 
+def test_completion_logprobs_whole_and_streamed(client, grpc_client):
+    whole = client.completions.create(model="a1", prompt="Once", max_tokens=8, temperature=0, logprobs=0)
+    lp = whole.choices[0].logprobs
+    assert "".join(lp.tokens) == whole.choices[0].text and len(lp.tokens) == whole.usage.completion_tokens
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    grpc_out = grpc_client.generate("Once", adapter_id="a1", max_new_tokens=8, logprobs=True)
+    assert lp.token_logprobs == pytest.approx(list(grpc_out.token_logprobs), abs=1e-6)
+    chunks = list(client.completions.create(model="a1", prompt="Once", max_tokens=8, temperature=0, logprobs=0,
+                                            stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+
+
 def test_greedy_outputs_equal_the_grpc_path(client, grpc_client):
     """The same greedy request through gRPC and through HTTP: the same tokens and text."""
     for adapter in (None, "a0", "a1"):
