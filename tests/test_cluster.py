@@ -109,15 +109,16 @@ def _host_loads(replica) -> float:
 
 
 def test_replace_through_one_replica_is_served_by_the_next_request_on_another(cluster, tmp_path, tiny_geometry):
-    """Replicas share the adapters folder. B holds v1 in memory; a replace published through A
-    must answer B's very next request with v2 (B's admission stats the files: three stats, no
+    """Replicas share the adapters folder. v1 is uploaded through the balancer and B holds it in
+    memory; a replace published through A must answer B's very next request with v2 (B's admission stats the files: three stats, no
     re-read), and B reads the files again only once, for the new version."""
     a, b = cluster.replicas[0], cluster.replicas[1]
     v1 = write_random_adapter(tmp_path / "v1", tiny_geometry, rank=4, seed=101)
     v2 = write_random_adapter(tmp_path / "v2", tiny_geometry, rank=4, seed=202)
     ask = dict(prompt="Hello", adapter_id="replaced-tenant", max_new_tokens=8)
     with Client(f"127.0.0.1:{a.grpc_port}", timeout=30) as on_a, Client(f"127.0.0.1:{b.grpc_port}", timeout=30) as on_b:
-        first = on_a.upload_adapter(v1, "replaced-tenant")
+        with Client(cluster.target, timeout=30) as balanced:  # an upload streams through HAProxy too
+            first = balanced.upload_adapter(v1, "replaced-tenant")
         old = on_b.generate(**ask)
         assert old.adapter_version == first.adapter.digest
         loads = _host_loads(b)
