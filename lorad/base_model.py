@@ -271,6 +271,19 @@ def _to_compute_dtype(model, compute_dtype) -> None:
     model.config.dtype = compute_dtype
 
 
+def dequantize_nf4(weight):
+    """An NF4 weight (bitsandbytes Params4bit, in its own layout) dequantized to float32 [out, in],
+    whatever dtype its model computes in: the base as `lorad serve` reads it on CPU."""
+    import copy
+
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    state = copy.copy(weight.quant_state)
+    state.dtype = torch.float32
+    return bnbf.dequantize_4bit(weight.data, state)
+
+
 def default_compute_dtype(device):
     import torch
 

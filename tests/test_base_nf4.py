@@ -6,28 +6,20 @@ weights, ~2.4% on the tiny Llama here."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-from lorad.base_model import BaseModelConfig, load_base
+from lorad.base_model import BaseModelConfig, dequantize_nf4, load_base
 
 pytest.importorskip("bitsandbytes")
 
 
 def _nf4_weights(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """name -> (packed NF4 bytes, the weight dequantized to float32) for every Linear4bit."""
-    import bitsandbytes.functional as bnbf
-
     out = {}
     for name, module in model.named_modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is None:
-            continue
-        state = copy.copy(state)
-        state.dtype = torch.float32  # dequantize in float32 whatever dtype this model computes in
-        out[name] = (module.weight.data.view(torch.uint8).clone(), bnbf.dequantize_4bit(module.weight.data, state))
+        if getattr(getattr(module, "weight", None), "quant_state", None) is not None:
+            out[name] = (module.weight.data.view(torch.uint8).clone(), dequantize_nf4(module.weight))
     return out
 
 
