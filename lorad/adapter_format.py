@@ -108,7 +108,8 @@ class LoadedAdapter:
     # (layer, proj) -> (A [r, in], B [out, r]) as PEFT stores them, in the file's dtype, on the host
     weights: dict[tuple[int, str], tuple["object", "object"]] = field(repr=False)
     load_seconds: float = 0.0
-    stamp: tuple = ()  # adapter_stamp() of the files this copy was read from
+    stamp: tuple = ()  # adapter_stamp() of the files this copy was read from (all of its version's)
+    digest: str = ""  # content digest of those files (lorad.server.adapter_publish), its version
     # DoRA: (layer, proj) -> magnitude [out]; empty for plain LoRA
     magnitudes: dict[tuple[int, str], "object"] = field(default_factory=dict, repr=False)
 
@@ -120,12 +121,13 @@ class LoadedAdapter:
 # --- files --------------------------------------------------------------------------------------
 
 
-def adapter_stamp(path: Path) -> tuple:
-    """Identity of an adapter folder's files as they are now (inode, size, times of the config
-    and the weights, links followed): a replace, a touch or a rewrite changes it (a rewrite in
-    place of the same size only once the filesystem's timestamp has ticked)."""
+def adapter_stamp(path: Path, names: tuple[str, ...] = (CONFIG_FILE, WEIGHTS_FILE)) -> tuple:
+    """Identity of an adapter folder's files as they are now (inode, size, times of each of
+    `names`, links followed; an absent file is None): a replace, a touch or a rewrite changes it
+    (a rewrite in place of the same size only once the filesystem's timestamp has ticked).
+    Reading it costs one stat per file."""
     out = []
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
+    for name in names:
         try:
             st = os.stat(Path(path) / name)
         except OSError:

@@ -93,6 +93,11 @@ class LoRASlotPool:
         )
 
     @property
+    def slot_nbytes(self) -> int:
+        """Device bytes of one slot (every slot is sized for max_lora_rank)."""
+        return self.nbytes // self.num_slots
+
+    @property
     def slots_used(self) -> int:
         return sum(1 for a in self.adapter_in if a is not None)
 

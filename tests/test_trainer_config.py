@@ -3,6 +3,8 @@ hardware resolution of `auto`, and the CLI's handling of bad configs. No model i
 
 from __future__ import annotations
 
+import time
+
 from pathlib import Path
 
 import pytest
@@ -231,11 +233,13 @@ def test_cli_reports_invalid_yaml_and_missing_file(tmp_path):
     assert result.exit_code == 1 and "does not exist" in result.output
 
 
-def test_push_is_refused_clearly_until_the_server_offers_uploads():
-    result = invoke(str(EXAMPLE), "--push", "127.0.0.1:50051")
+def test_push_to_an_unreachable_server_fails_before_training(tmp_path):
+    """(tests/test_train_push.py trains and pushes to a real server.)"""
+    started = time.perf_counter()
+    result = invoke(str(EXAMPLE), "--push", "127.0.0.1:1", "--set", f"output_dir={tmp_path / 'out'}")
     assert result.exit_code == 1
-    assert "--push 127.0.0.1:50051: lorad serve does not accept adapter uploads yet" in result.output
-    assert "--adapters" in result.output
+    assert "--push 127.0.0.1:1: the server cannot be reached" in result.output and "nothing was trained" in result.output
+    assert not (tmp_path / "out").exists() and time.perf_counter() - started < 60
 
 
 # ---- round two: names from transformers, targets, variants, axolotl keys ----------------------
