@@ -13,6 +13,10 @@ a PyTorch twin (the CPU path and the tests' oracle). `backend` picks one:
     "triton" the Triton kernels (CPU tensors need TRITON_INTERPRET=1 set before triton loads)
 
 The environment variable LORAD_LORA_BACKEND sets the default for calls that pass none.
+
+Under torch.compile the ops are traced as the custom ops lorad::add_lora, lorad::lora_shrink
+and lorad::lora_expand (kernels/custom_ops.py, with fake implementations); eager calls run the
+implementation directly.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 
 import torch
 
+from lorad.kernels import custom_ops
 from lorad.kernels.lora_ops_torch import add_lora_torch, lora_expand_dora_torch, lora_expand_torch, lora_shrink_torch
 from lorad.kernels.metadata import NO_LORA, LoRABatchMeta, build_lora_meta
 
@@ -78,7 +83,11 @@ def lora_shrink(
           s = meta.token_slots[t]
           if s != -1:
               v[t, :] = float32(x[t, :]) @ float32(lora_a[s, :, :]).T   # accumulated in fp32
+              if x.dtype != float32:                # fp16 / bf16: v[t, :] MAY be rounded to
+                  v[t, :] = float32(x.dtype(v[t, :]))   # x.dtype (the twin's 16-bit matmul
+                                                    # does; the Triton kernel keeps fp32)
       # rows of v whose slot is -1 are left unspecified; lora_expand ignores them
+      # v is float32 in every case; lora_expand rounds it to y's dtype anyway
 
     Args:
       x: Shape `[T, H_in]`, float32 / float16 / bfloat16, contiguous. Token activations.
@@ -93,7 +102,14 @@ def lora_shrink(
     Returns:
       v: Shape `[T, R]`, float32 (`out` when given).
     """
-    if resolve_backend(x.device, backend) == "triton":
+    backend = resolve_backend(x.device, backend)
+    if out is None and torch.compiler.is_compiling():
+        return custom_ops.lora_shrink_op(x, lora_a, meta, backend)
+    return _lora_shrink_impl(x, lora_a, meta, out, backend)
+
+
+def _lora_shrink_impl(x, lora_a, meta, out, backend: str) -> torch.Tensor:
+    if backend == "triton":
         from lorad.kernels.lora_ops_triton import lora_shrink_triton
 
         return lora_shrink_triton(x, lora_a, meta, out)
@@ -114,11 +130,19 @@ def lora_expand(
       for t in range(T):
           s = meta.token_slots[t]
           if s != -1:
-              y[t, :] += scale[s] * (v[t, :] @ float32(lora_b[s, :, :]))   # fp32, then cast to y.dtype
+              if y.dtype == float32:
+                  y[t, :] += scale[s] * (v[t, :] @ lora_b[s, :, :])          # fp32 throughout
+              else:  # fp16 / bf16: 16-bit operands, fp32 accumulation, y rounded to its dtype
+                  u = y.dtype(v[t, :])              # v is rounded to y's dtype first (the twin
+                                                    # may fold scale[s] in before rounding)
+                  y[t, :] = y.dtype(float32(y[t, :]) + scale[s] * (float32(u) @ float32(lora_b[s])))
+                  # the twin may round the delta to y.dtype before adding: one more rounding
       # rows whose slot is -1 are not touched; an all -1 batch leaves y bit-identical
 
     Args:
-      y: Shape `[T, H_out]`, float32 / float16 / bfloat16, contiguous. Will be changed in place.
+      y: Shape `[T, H_out]`, float32 / float16 / bfloat16, each row contiguous (stride(1) == 1;
+        a column slice of a wider output, such as q's columns of a fused q/k/v output,
+        qualifies). Will be changed in place.
       v: Shape `[T, R]`, float32, as returned by lora_shrink.
       lora_b: Shape `[S, R, H_out]`, same dtype as y. Slot pool of B matrices, stored
         transposed with respect to PEFT's [H_out, r] so that each slot is a row-major
@@ -129,7 +153,15 @@ def lora_expand(
       meta: LoRABatchMeta from build_lora_meta(token_slots, S).
       backend: "auto" | "torch" | "triton"; see the module docstring.
     """
-    if resolve_backend(y.device, backend) == "triton":
+    backend = resolve_backend(y.device, backend)
+    if torch.compiler.is_compiling():
+        custom_ops.lora_expand_op(y, v, lora_b, scale, meta, backend)
+        return
+    _lora_expand_impl(y, v, lora_b, scale, meta, backend)
+
+
+def _lora_expand_impl(y, v, lora_b, scale, meta, backend: str) -> None:
+    if backend == "triton":
         from lorad.kernels.lora_ops_triton import lora_expand_triton
 
         lora_expand_triton(y, v, lora_b, scale, meta)
@@ -157,7 +189,15 @@ def add_lora(
     overhead is a large part of the cost: the twin checks once, keeps v private and, for the
     common decode layout, runs three torch calls in all.
     """
-    if resolve_backend(y.device, backend) == "triton":
+    backend = resolve_backend(y.device, backend)
+    if torch.compiler.is_compiling():
+        custom_ops.add_lora_op(y, x, lora_a, lora_b, scale, meta, backend)
+        return
+    _add_lora_impl(y, x, lora_a, lora_b, scale, meta, backend)
+
+
+def _add_lora_impl(y, x, lora_a, lora_b, scale, meta, backend: str) -> None:
+    if backend == "triton":
         from lorad.kernels.lora_ops_triton import lora_expand_triton, lora_shrink_triton
 
         lora_expand_triton(y, lora_shrink_triton(x, lora_a, meta), lora_b, scale, meta)
@@ -180,8 +220,9 @@ def lora_expand_dora(
       for t in range(T):
           s = meta.token_slots[t]
           if s != -1:
-              y[t, :] = dora_scale[s, :] * (y[t, :] + scale[s] * (v[t, :] @ float32(lora_b[s])))
-              # in fp32, then cast to y.dtype
+              u = v[t, :]     # fp16 / bf16 y: the Triton kernel rounds u to y's dtype first, the twin does not
+              y[t, :] = y.dtype(dora_scale[s, :] * (float32(y[t, :]) + scale[s] * (float32(u) @ float32(lora_b[s]))))
+              # delta and sum in fp32, rounded once
       # rows whose slot is -1 are not touched; an all -1 batch leaves y bit-identical
 
     Args:

@@ -35,6 +35,10 @@ from lorad.kernels.metadata import LoRABatchMeta
 # zipf-shaped prefill batches to a padded bmm twice the work.
 SEGMENT_ROWS = 12.0
 GATHER_COST = 0.25
+# add_lora's decode layout computes the shrink as A @ x^T when every adapter has at most
+# FEW_TOKENS tokens and there are at least MANY_ADAPTERS of them (see add_lora_torch).
+FEW_TOKENS = 4
+MANY_ADAPTERS = 4
 
 
 def use_padded(meta: LoRABatchMeta) -> bool:
@@ -95,7 +99,14 @@ def add_lora_torch(
         # Tokens grouped by slot in equal segments (decode): [n, L, H] views; bmm, scale, baddbmm.
         n, L, P, p0 = meta.n_range, meta.max_seg_len, meta.padded_size, meta.pad_first
         xs = _rows(x, p0, P).view(n, L, x.shape[1])
-        vs = torch.bmm(xs, _rows(lora_a, meta.slot_lo, n).transpose(1, 2))  # [n, L, R] fp32
+        a = _rows(lora_a, meta.slot_lo, n)  # [n, R, H_in]
+        if L <= FEW_TOKENS and n >= MANY_ADAPTERS:
+            # A as the left operand: with a few tokens per adapter and the adapters' weights far
+            # larger than the caches, MKL's batched kernel streams A ~20% faster this way round
+            # (benchmarks/bench_lora_cpu.py; ~1.5x slower with 2 adapters x 8 tokens).
+            vs = torch.bmm(a, xs.transpose(1, 2)).transpose(1, 2)  # [n, L, R] fp32 (a view)
+        else:
+            vs = torch.bmm(xs, a.transpose(1, 2))  # [n, L, R] fp32
         vs.mul_(_rows(scale, meta.slot_lo, n).view(n, 1, 1))
         _rows(y, p0, P).view(n, L, y.shape[1]).baddbmm_(vs, _rows(lora_b, meta.slot_lo, n))
         return

@@ -120,6 +120,7 @@ def lora_shrink_triton(
       for t in range(T):
           if meta.token_slots[t] != -1:
               v[t, :] = float32(x[t, :]) @ float32(lora_a[meta.token_slots[t]]).T
+      # fp32 accumulation of the input dtype's products, stored unrounded for every input dtype
 
     Args:
       x: Shape `[T, H_in]`. lora_a: Shape `[S, R, H_in]`, x's dtype. meta: from build_lora_meta,
@@ -245,7 +246,8 @@ def lora_expand_triton(
       for t in range(T):
           s = meta.token_slots[t]
           if s != -1:
-              y[t, :] = y.dtype(float32(y[t, :]) + scale[s] * (v[t, :] @ float32(lora_b[s])))
+              u = v[t, :] if y.dtype == float32 else float32(y.dtype(v[t, :]))  # 16-bit: v rounded
+              y[t, :] = y.dtype(float32(y[t, :]) + scale[s] * (u @ float32(lora_b[s])))  # fp32 acc.
       # rows whose slot is -1 are never read or written; an all -1 batch launches nothing
 
     Args:
@@ -276,7 +278,8 @@ def lora_expand_dora_triton(
       for t in range(T):
           s = meta.token_slots[t]
           if s != -1:
-              y[t, :] = y.dtype(dora_scale[s, :] * (float32(y[t, :]) + scale[s] * (v[t, :] @ float32(lora_b[s]))))
+              u = v[t, :] if y.dtype == float32 else float32(y.dtype(v[t, :]))  # 16-bit: v rounded
+              y[t, :] = y.dtype(dora_scale[s, :] * (float32(y[t, :]) + scale[s] * (u @ float32(lora_b[s]))))
     """
     check_expand_args(y, v, lora_b, scale, meta)
     check_dora_scale(dora_scale, lora_b)

@@ -271,8 +271,11 @@ def load_base(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from lorad.cpu_features import hold_bitsandbytes_to_isa
+
     resolved = resolve_base(cfg)
     device = resolve_device(cfg.device)
+    hold_bitsandbytes_to_isa()  # LORAD_CPU_ISA=avx2: before any Linear4bit is built
     compute_dtype = compute_dtype or default_compute_dtype(device)
     try:
         hf_config = AutoConfig.from_pretrained(resolved.location)

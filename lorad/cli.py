@@ -13,6 +13,9 @@ SUBCOMMANDS = {
     "generate": ("lorad.clients.cli", "generate", "Send one prompt to a running server."),
     "adapters": ("lorad.clients.cli", "adapters", "List, upload, load, pin, unload and delete adapters on a running server."),
     "train": ("lorad.trainer.cli", "train", "QLoRA-train an adapter from an axolotl-style YAML."),
+    "combine": ("lorad.deltas_cli", "combine", "Combine adapters into one (linear, svd, cat, ties, dare, ...)."),
+    "merge": ("lorad.deltas_cli", "merge", "Merge adapters into the base: a verified transformers folder."),
+    "export": ("lorad.deltas_cli", "export", "Export an adapter: hf folder, GGUF, llama.cpp adapter, Ollama."),
     "cluster": ("lorad.cluster", "cluster", "Run replicas behind HAProxy with adapter affinity on this machine."),
 }
 

@@ -5,7 +5,6 @@ Nothing here is used by the server itself.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -27,46 +26,27 @@ def write_random_adapter(
     use_rslora: bool = False,
     base_model_name: str = "",
 ) -> Path:
-    """Write an adapter exactly as PEFT's save_pretrained lays it out, with random A and B.
+    """Write an adapter exactly as PEFT's save_pretrained lays it out, with random A and B, through
+    lorad's one adapter writer (lorad.deltas.adapter_io).
 
     Both A and B are nonzero (like PEFT's init_lora_weights=False), so the adapter changes the
     output; b_std keeps the change small enough that text stays fluent.
     """
-    from safetensors.torch import save_file
+    from lorad.deltas.adapter_io import PEFT_PREFIX, lora_config, write_adapter
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in layers if layers is not None else range(geometry.num_layers):
         for proj in targets:
             in_f, out_f = geometry.projection_shape(proj)
             group = "self_attn" if proj in ATTENTION_PROJECTIONS else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{group}.{proj}"
+            prefix = f"{PEFT_PREFIX}model.layers.{layer}.{group}.{proj}"
             std_a = a_std if a_std is not None else in_f**-0.5
             tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) * std_a
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * b_std
-    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name,
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": 0.0,
-        "target_modules": sorted(targets),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": use_rslora,
-        "use_dora": False,
-        "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "init_lora_weights": False,
-        "inference_mode": True,
-    }
-    (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return path
+    config = lora_config(rank=rank, alpha=alpha, target_modules=list(targets), base_model_name=base_model_name,
+                         use_rslora=use_rslora)
+    return write_adapter(path, tensors, config)
 
 
 def tiny_llama(vocab_size: int, *, seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4,

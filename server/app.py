@@ -124,7 +124,8 @@ class LoradServer:
         self.metrics.watch_device(base.device)
         self.metrics.memory.labels("kv_cache").set(self.engine.kv.nbytes)
         self.metrics.memory.labels("adapter_slots").set(self.engine.pool.nbytes)
-        self.metrics.memory.labels("base_weights").set(base.model.get_memory_footprint())
+        # the model's own weights plus what the runner keeps beside them (dequantized NF4, head copies)
+        self.metrics.memory.labels("base_weights").set(base.model.get_memory_footprint() + self.engine.runner.extra_bytes)
         self.metrics.slots(0, cfg.engine.max_loras)
         self.service.base_name = base.resolved.display_name
         self.frontend.engine = self.engine

@@ -49,14 +49,22 @@ def _default(name: str):
               help="Requests running at once (lowered to what the KV cache budget holds).")
 @click.option("--max-seq-len", type=int, default=None,
               help="Prompt + generated tokens per request [default: the base's limit, at most 2048].")
-@click.option("--kv-cache-memory", default=f"{_E.kv_cache_memory / 2**30:g}GiB", show_default=True,
-              help="KV cache budget, allocated at start (e.g. 512MiB, 8GiB).")
+@click.option("--kv-cache-memory", default=None,
+              help="KV cache budget, allocated at start (e.g. 512MiB, 8GiB) [default: what --max-batch-size "
+                   "sequences of --max-seq-len tokens take for this base].")
 @click.option("--max-prefill-tokens", type=int, default=_E.max_prefill_tokens, show_default=True,
               help="Prompt tokens per step; longer prompts prefill in chunks while others decode.")
 @click.option("--max-queue", type=int, default=_E.max_queue, show_default=True,
               help="Requests that may wait for a batch slot; more get RESOURCE_EXHAUSTED.")
 @click.option("--default-max-new-tokens", type=int, default=_E.default_max_new_tokens, show_default=True,
               help="Used when a request leaves max_new_tokens at 0.")
+@click.option("--threads", type=int, default=None,
+              help="torch (OpenMP) threads of the model thread [default: every usable core but one, at least 1; "
+                   "the server's other threads need a core, and OpenMP threads waiting on a preempted sibling "
+                   "make steps many times slower].")
+@click.option("--dequant-memory", default=f"{_E.dequant_memory / 2**30:g}GiB", show_default=True,
+              help="Memory for dequantized fp32 copies of NF4 projections on CPUs without AVX512-BF16, where "
+                   "bitsandbytes would dequantize every weight on every call; 0 disables them.")
 @click.option("--lora-backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", show_default=True,
               help="Multi-adapter LoRA ops: Triton kernels on CUDA, the PyTorch path on CPU (auto).")
 @click.option("--max-request-bytes", default=f"{_default('max_request_bytes') // 2**20}MiB", show_default=True,
@@ -88,8 +96,9 @@ def _default(name: str):
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def serve(base, quant, device, adapters_dir, host, port, metrics_port, max_loras, max_cpu_loras, max_lora_rank,
           max_batch_size, max_seq_len, kv_cache_memory, max_prefill_tokens, max_queue, default_max_new_tokens,
-          lora_backend, max_request_bytes, max_unsent_chunks, admin_token_file, api_token_file, tls_cert, tls_key,
-          tls_client_ca, max_upload_bytes, grace_seconds, drain_seconds, metrics_adapter_ids, log_level):
+          threads, dequant_memory, lora_backend, max_request_bytes, max_unsent_chunks, admin_token_file,
+          api_token_file, tls_cert, tls_key, tls_client_ca, max_upload_bytes, grace_seconds, drain_seconds,
+          metrics_adapter_ids, log_level):
     """Serve one base model and every adapter in --adapters over gRPC (lorad.v1.Generator).
 
     \b
@@ -129,6 +138,8 @@ def serve(base, quant, device, adapters_dir, host, port, metrics_port, max_loras
                 max_prefill_tokens=max_prefill_tokens,
                 max_queue=max_queue,
                 default_max_new_tokens=default_max_new_tokens,
+                threads=threads,
+                dequant_memory=dequant_memory,
                 lora_backend=lora_backend,
             ),
         )

@@ -39,12 +39,17 @@ class EngineConfig:
     max_lora_rank: the largest adapter rank accepted; every slot is sized for it.
     max_batch_size: requests running at once (each holds one KV-cache row).
     max_seq_len: prompt + generated tokens per request; None = the base's limit, capped at 2048.
-    kv_cache_memory: bytes for the KV cache, preallocated at start; max_batch_size is lowered
-        to what fits (an error if not even one sequence fits).
+    kv_cache_memory: bytes for the KV cache, preallocated at start; None = exactly what
+        max_batch_size sequences of max_seq_len tokens take for this base. When set,
+        max_batch_size is lowered to what fits (an error if not even one sequence fits).
     max_prefill_tokens: prompt tokens processed per step; longer prompts are prefilled in chunks
         so running requests keep decoding.
     max_queue: requests waiting for a batch slot; one more is refused with RESOURCE_EXHAUSTED.
     default_max_new_tokens / max_new_tokens_limit: when a request says 0 / the most it may ask.
+    threads: torch (OpenMP) threads of the model thread; None = lorad.cpu_features.default_threads().
+    dequant_memory: bytes an NF4 base may spend on dequantized fp32 copies of its projections
+        where bitsandbytes would dequantize them on every call (CPUs without AVX512-BF16);
+        projections past the budget keep bitsandbytes' per-call path. 0 disables the copies.
     """
 
     max_loras: int = 8
@@ -52,20 +57,27 @@ class EngineConfig:
     max_lora_rank: int = 64
     max_batch_size: int = 32
     max_seq_len: int | None = None
-    kv_cache_memory: int = 2 * 2**30
+    kv_cache_memory: int | None = None
     max_prefill_tokens: int = 1024
     max_queue: int = 256
     default_max_new_tokens: int = 128
     max_new_tokens_limit: int = 4096
     lora_backend: str = "auto"
+    threads: int | None = None
+    dequant_memory: int = 4 * 2**30
 
     def __post_init__(self) -> None:
-        self.kv_cache_memory = parse_bytes(self.kv_cache_memory, "kv_cache_memory")
+        if self.kv_cache_memory is not None:
+            self.kv_cache_memory = parse_bytes(self.kv_cache_memory, "kv_cache_memory")
+        self.dequant_memory = parse_bytes(self.dequant_memory, "dequant_memory")
+        if self.dequant_memory < 0:
+            raise ConfigError(f"dequant_memory: must not be negative, got {self.dequant_memory}")
         for name in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_batch_size", "max_prefill_tokens",
-                     "max_queue", "default_max_new_tokens", "max_new_tokens_limit", "kv_cache_memory"):
+                     "max_queue", "default_max_new_tokens", "max_new_tokens_limit"):
             _positive(name, getattr(self, name))
-        if self.max_seq_len is not None:
-            _positive("max_seq_len", self.max_seq_len)
+        for name in ("max_seq_len", "kv_cache_memory", "threads"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
         if self.max_cpu_loras < self.max_loras:
             raise ConfigError(
                 f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras}): "

@@ -33,6 +33,7 @@ import torch
 
 from lorad.adapter_format import shorten
 from lorad.base_model import LoadedBase
+from lorad.cpu_features import default_threads
 from lorad.errors import (
     DeadlineExceededError,
     EngineStoppedError,
@@ -79,7 +80,10 @@ class Engine:
         self.device = base.device
         dtype = base.compute_dtype
         self.max_seq_len = config.max_seq_len or min(self.geometry.max_position_embeddings, DEFAULT_MAX_SEQ_LEN_CAP)
-        fit = rows_for_budget(self.geometry, self.max_seq_len, dtype, config.kv_cache_memory)
+        if config.kv_cache_memory is None:  # sized from the base: max_batch_size full-length rows
+            fit = config.max_batch_size
+        else:
+            fit = rows_for_budget(self.geometry, self.max_seq_len, dtype, config.kv_cache_memory)
         rows = min(config.max_batch_size, fit)
         if rows < config.max_batch_size:
             log.warning(
@@ -92,7 +96,10 @@ class Engine:
         self.store = AdapterStore(adapters_dir, self.geometry, config.max_lora_rank)
         self.adapters = AdapterManager(self.store, self.pool, config.max_cpu_loras, self.observer,
                                        post=self.post, fail_waiting=self._fail_waiting)
-        self.runner = LlamaRunner(base.model, self.geometry, self.kv, self.pool, config.lora_backend)
+        self.threads = config.threads or default_threads()
+        torch.set_num_threads(self.threads)  # again on the loop's thread: OpenMP's setting is per thread
+        self.runner = LlamaRunner(base.model, self.geometry, self.kv, self.pool, config.lora_backend,
+                                  dequant_memory=config.dequant_memory)
         self.eos_ids = self._eos_ids()
 
         self._ids = itertools.count(1)
@@ -303,6 +310,7 @@ class Engine:
     # --- the loop ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        torch.set_num_threads(self.threads)
         try:
             while True:
                 with self._cv:

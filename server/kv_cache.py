@@ -1,9 +1,14 @@
 """The KV cache: one preallocated block of rows, one row per running request.
 
 Layout per layer: k, v [rows, kv_heads, max_seq_len, head_dim], the layout SDPA reads. The
-whole cache is allocated once from a byte budget; a step only writes into it. Live rows are
-kept compacted in [0, n_rows): when a request leaves, the last live row moves into its place
-(a copy of that row's filled prefix), so decode attention reads a view of the first n_rows.
+whole cache is allocated once (by default for max_batch_size rows of max_seq_len tokens); a
+step only writes into it. Live rows are kept compacted in [0, n_rows): when a request leaves,
+the last live row moves into its place (a copy of that row's filled prefix), so decode
+attention reads a view of the first n_rows.
+
+On the CPU the cache is anonymous memory that the kernel zero-fills page by page on first
+touch (server/zero_pages.py): a cache sized for 32 rows of 2048 tokens (3 GB for SmolLM2)
+holds resident only the pages that requests have written.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import torch
 
 from lorad.errors import ConfigError
 from lorad.geometry import ModelGeometry
+
+from lorad.server.zero_pages import ZeroPages
 
 
 def rows_for_budget(geometry: ModelGeometry, max_seq_len: int, dtype: torch.dtype, budget_bytes: int) -> int:
@@ -30,8 +37,9 @@ class KVCache:
         shape = (geometry.num_layers, rows, geometry.num_kv_heads, max_seq_len, geometry.head_dim)
         # zeros, not empty: masked keys still meet their values in the attention product,
         # and uninitialized memory could hold NaN.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._memory = ZeroPages()  # on the CPU: resident only where written
+        self.k = self._memory.zeros(shape, dtype, device)
+        self.v = self._memory.zeros(shape, dtype, device)
 
     @property
     def nbytes(self) -> int:

@@ -22,6 +22,8 @@ import torch
 from lorad.adapter_format import LoadedAdapter
 from lorad.geometry import PROJECTIONS, ModelGeometry
 
+from lorad.server.zero_pages import ZeroPages
+
 
 @dataclass
 class ModuleSlots:
@@ -49,14 +51,17 @@ class LoRASlotPool:
         self.max_rank = max_rank
         self.dtype = dtype
         self.device = device
+        # On the CPU the pools are resident only where adapters were written: rank-16 adapters
+        # in rank-64 slots touch a quarter of them (server/zero_pages.py).
+        self._memory = ZeroPages()
         self.layers: list[dict[str, ModuleSlots]] = []
         for _ in range(geometry.num_layers):
             modules = {}
             for proj in PROJECTIONS:
                 in_f, out_f = geometry.projection_shape(proj)
                 modules[proj] = ModuleSlots(
-                    a=torch.zeros(num_slots, max_rank, in_f, dtype=dtype, device=device),
-                    b=torch.zeros(num_slots, max_rank, out_f, dtype=dtype, device=device),
+                    a=self._memory.zeros((num_slots, max_rank, in_f), dtype, device),
+                    b=self._memory.zeros((num_slots, max_rank, out_f), dtype, device),
                     scale=torch.zeros(num_slots, dtype=torch.float32, device=device),
                 )
             self.layers.append(modules)
@@ -64,6 +69,7 @@ class LoRASlotPool:
         self.adapter_in: list[str | None] = [None] * num_slots
         self.refcount = [0] * num_slots
         self.slot_rank = [0] * num_slots
+        self._written_rank = [0] * num_slots  # rows [0, r) of a slot may be nonzero (cleared up to r)
         # slots with refcount 0, least recently released first; empty slots are always first
         self._idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(num_slots))
 
@@ -164,20 +170,23 @@ class LoRASlotPool:
         for layer in self.layers:
             for m in layer.values():
                 if m.slots_mask & bit:
-                    m.a[slot].zero_()
-                    m.b[slot].zero_()
+                    rows = self._written_rank[slot]  # only the rows a write may have touched
+                    m.a[slot, :rows].zero_()
+                    m.b[slot, :rows].zero_()
                     m.scale[slot] = 0.0
                     m.slots_mask &= ~bit
         self.slot_rank[slot] = 0
+        self._written_rank[slot] = 0
 
     def _write(self, slot: int, adapter: LoadedAdapter) -> None:
         self._clear(slot)
         bit = 1 << slot
+        self._written_rank[slot] = max(a.shape[0] for a, _ in adapter.weights.values()) if adapter.weights else 0
         for (layer, proj), (lora_a, lora_b) in adapter.weights.items():
             m = self.layers[layer][proj]
             r = lora_a.shape[0]
+            m.slots_mask |= bit  # first: a write that fails half-way is cleared by _clear
             m.a[slot, :r].copy_(lora_a)  # [r, H_in]
             m.b[slot, :r].copy_(lora_b.t())  # [H_out, r] -> [r, H_out]
             m.scale[slot] = adapter.spec.modules[(layer, proj)].scale
-            m.slots_mask |= bit
         self.slot_rank[slot] = adapter.spec.rank

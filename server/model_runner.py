@@ -3,15 +3,26 @@
 Each step runs ONE forward over every token the scheduler picked: the prompt chunks of
 requests being prefilled and one token of each request being decoded, packed into a single
 [T, hidden] tensor. Each token carries its request's KV-cache row, its position and its
-adapter slot. The model's own modules are reused (embeddings, RMSNorm, the NF4 Linear4bit
-projections, lm_head); what this file owns is the packing, the KV cache reads and writes, and
-the multi-adapter LoRA added to every projection through lorad.kernels.
+adapter slot. The model's own weights are reused; what this file owns is the packing, the KV
+cache reads and writes, and the multi-adapter LoRA added to every projection through
+lorad.kernels.
 
-Attention:
-  * decode tokens (one per request) run as one batched SDPA over cache rows [0, n_rows),
-    with a key mask for each row's length; the scheduler keeps live rows compacted at the
-    front of the cache, so the keys are a view, never a copy;
-  * prompt chunks run one SDPA per request (causal, offset by what is already cached).
+A decode step runs several hundred torch calls, and on a CPU each costs microseconds of
+dispatch whatever its size, so the layer is written for few calls:
+  * q/k/v and gate/up run as one matmul each on their shared input (lorad.server.projections:
+    concatenated weights; the NF4 routes are bit-identical to the modules called one by one);
+    LoRA adds into column views of the fused output;
+  * RMSNorm is one call (F.rms_norm: bit-identical to the model's module in fp32);
+    RoPE rotates q and k together with a precomputed signed sine (bit-identical to HF's
+    rotate_half form; tests/test_model_runner.py checks both);
+  * the KV cache is written with one index_copy_ per tensor through a flat index computed
+    once per step, not per layer;
+  * decode attention (one token per request) is one batched SDPA over cache rows [0, n_rows)
+    with a key mask per row; the scheduler keeps live rows compacted at the front of the
+    cache, so the keys are a view, never a copy. Prompt chunks run one SDPA per request
+    (causal, offset by what is already cached);
+  * only the rows that sample reach the final norm and the logits head
+    (projections.LogitsHead).
 """
 
 from __future__ import annotations
@@ -21,12 +32,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lorad.geometry import ATTENTION_PROJECTIONS, PROJECTIONS, ModelGeometry
+from lorad.cpu_features import detect as detect_cpu
+from lorad.geometry import ModelGeometry
 from lorad.kernels import LoRABatchMeta, add_lora, resolve_backend
 
 from lorad.server.kv_cache import KVCache
 from lorad.server.lora_slots import LoRASlotPool
-from lorad.server.nf4_cpu import wrap_linear
+from lorad.server.projections import GroupBuilder, LogitsHead
+
+# The projection groups of a layer, in the order they run: (group, its projections).
+GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)),
+          ("gate_up", ("gate_proj", "up_proj")), ("down", ("down_proj",)))
+_MEMBERS = dict(GROUPS)
 
 
 @dataclass
@@ -53,61 +70,103 @@ class StepBatch:
 
 
 @dataclass
+class _StepPlan:
+    """What every layer of one step shares: computed once per step."""
+
+    cache_index: torch.Tensor  # [T * kv_heads] flat row of each (token, kv head) in a layer's cache
+    decode: "_DecodePlan | None"
+
+
+@dataclass
 class _DecodePlan:
     token_index: torch.Tensor  # [Bd] packed indices of decode tokens
     rows: torch.Tensor  # [Bd] their cache rows
     key_len: int  # keys to read per row (max length over decode rows)
-    mask: torch.Tensor  # [n_rows, 1, 1, key_len] bool, True = attend
+    mask: torch.Tensor  # [n_rows, 1, 1, key_len] additive: 0 where a row attends, -inf past its length
+    row_token: torch.Tensor | None  # [n_rows] token of each row, when every row decodes (else None)
+
+
+@dataclass
+class _Layer:
+    in_norm: object
+    post_norm: object
+    groups: dict  # group name -> callable x [T, H_in] -> [T, sum of its out_features]
+    act: object
 
 
 class LlamaRunner:
-    def __init__(self, model, geometry: ModelGeometry, kv: KVCache, pool: LoRASlotPool, lora_backend: str = "auto"):
+    def __init__(self, model, geometry: ModelGeometry, kv: KVCache, pool: LoRASlotPool, lora_backend: str = "auto",
+                 dequant_memory: int = 0):
         inner = model.model
         self.geometry = geometry
         self.kv = kv
         self.pool = pool
         self.lora_backend = resolve_backend(kv.device, lora_backend)  # once, not per call
+        self.device = kv.device
+        self.dtype = kv.dtype  # activations
         self.embed = inner.embed_tokens
         self.norm = inner.norm
-        self.lm_head = model.lm_head
+        builder = GroupBuilder(dequant_memory, self.dtype)
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append(
-                (
-                    layer.input_layernorm,
-                    layer.post_attention_layernorm,
-                    {p: wrap_linear(getattr(attn if p in ATTENTION_PROJECTIONS else mlp, p)) for p in PROJECTIONS},
-                    mlp.act_fn,
-                )
-            )
-        self.dtype = self.embed.weight.dtype if self.embed.weight.is_floating_point() else torch.float32
-        self.device = kv.device
+            owner = {"q_proj": attn, "k_proj": attn, "v_proj": attn, "o_proj": attn,
+                     "gate_proj": mlp, "up_proj": mlp, "down_proj": mlp}
+            groups = {g: builder.build([getattr(owner[p], p) for p in projs]) for g, projs in GROUPS}
+            self.layers.append(_Layer(layer.input_layernorm, layer.post_attention_layernorm, groups, mlp.act_fn))
+        quantized = set(builder.routes) != {"dense"}
+        self.head = LogitsHead(model.lm_head, quantized, detect_cpu(), self.device)
+        self.route = f"{builder.describe()}; {self.head.route}"
+        self.extra_bytes = builder.extra_bytes + self.head.extra_bytes  # weights held besides the model's
+        self._fused_norm = self.dtype == torch.float32 and all(
+            hasattr(n, "variance_epsilon") for l in self.layers for n in (l.in_norm, l.post_norm))
+        # (first column, width) of each projection in its group's output
+        self.columns = {}
+        for _, projs in GROUPS:
+            offset = 0
+            for p in projs:
+                width = geometry.projection_shape(p)[1]
+                self.columns[p] = (offset, width)
+                offset += width
         # RoPE tables for every position the cache can hold, from the model's own rotary
         # module (so llama3 / linear / dynamic-free scaling variants come out right).
+        # rotate_half(x) * sin == roll(x, D/2) * sin_signed, with the first half of sin negated.
         positions = torch.arange(kv.max_seq_len, device=self.device)[None]
         probe = torch.zeros(1, dtype=kv.dtype, device=self.device)
         cos, sin = inner.rotary_emb(probe, positions)
-        self.cos, self.sin = cos[0].to(kv.dtype), sin[0].to(kv.dtype)  # [max_seq_len, head_dim]
+        self.cos, sin = cos[0].to(kv.dtype), sin[0].to(kv.dtype)  # [max_seq_len, head_dim]
+        half = geometry.head_dim // 2
+        self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
         self.scaling = geometry.head_dim**-0.5
 
-    # --- projections with LoRA --------------------------------------------------------------
+    # --- pieces of a layer ------------------------------------------------------------------
 
-    def _proj(self, layer: int, name: str, module, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        y = module(x)  # [T, H_out]
-        slots = self.pool.layers[layer][name]
+    def _rms_norm(self, module, h: torch.Tensor) -> torch.Tensor:
+        if self._fused_norm:
+            return F.rms_norm(h, (h.shape[-1],), module.weight, module.variance_epsilon)
+        return module(h)
+
+    def _add_lora(self, layer: int, proj: str, y: torch.Tensor, x: torch.Tensor, batch: StepBatch) -> None:
+        """y: the group's output [T, sum of widths]; adds proj's LoRA into its columns."""
+        slots = self.pool.layers[layer][proj]
         if slots.slots_mask & batch.active_slots_mask:
+            offset, width = self.columns[proj]
             a, b = slots.rank_slice(batch.lora_rank)  # [S, r, H_in], [S, r, H_out]
-            add_lora(y, x, a, b, slots.scale, batch.lora_meta, backend=self.lora_backend)
+            add_lora(y[:, offset : offset + width], x, a, b, slots.scale, batch.lora_meta, backend=self.lora_backend)
+
+    def _project(self, layer: int, group: str, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        y = self.layers[layer].groups[group](x)  # [T, sum of widths]
+        if batch.active_slots_mask:
+            for proj in _MEMBERS[group]:
+                self._add_lora(layer, proj, y, x, batch)
         return y
 
-    # --- attention ----------------------------------------------------------------------------
-
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [T, heads, D]; cos, sin: [T, 1, D]
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def _plan(self, batch: StepBatch) -> _StepPlan:
+        g, kv = self.geometry, self.kv
+        heads = torch.arange(g.num_kv_heads, device=self.device)
+        # flat index into a layer's cache viewed as [rows * kv_heads * max_len, D]
+        cache_index = ((batch.rows[:, None] * g.num_kv_heads + heads) * kv.max_seq_len + batch.positions[:, None])
+        return _StepPlan(cache_index=cache_index.reshape(-1), decode=self._plan_decode(batch))
 
     def _plan_decode(self, batch: StepBatch) -> _DecodePlan | None:
         singles = [c for c in batch.chunks if c.length == 1]
@@ -115,30 +174,40 @@ class LlamaRunner:
             return None
         key_len = max(c.start + 1 for c in singles)
         lengths = torch.ones(batch.n_rows, dtype=torch.int64)  # rows not decoding: attend to one key
+        row_token = [-1] * batch.n_rows
         for c in singles:
             lengths[c.row] = c.start + 1
-        mask = torch.arange(key_len)[None, :] < lengths[:, None]  # [n_rows, key_len]
+            row_token[c.row] = c.offset
+        beyond = torch.arange(key_len)[None, :] >= lengths[:, None]  # [n_rows, key_len]
+        mask = torch.zeros(beyond.shape, dtype=self.dtype).masked_fill_(beyond, float("-inf"))
+        every_row = len(singles) == batch.n_rows
         return _DecodePlan(
             token_index=torch.tensor([c.offset for c in singles], device=self.device),
             rows=torch.tensor([c.row for c in singles], device=self.device),
             key_len=key_len,
             mask=mask[:, None, None, :].to(self.device),
+            row_token=torch.tensor(row_token, device=self.device) if every_row else None,
         )
 
-    def _attention(self, layer: int, q, k, v, batch: StepBatch, plan: _DecodePlan | None) -> torch.Tensor:
+    def _attention(self, layer: int, q, k, v, batch: StepBatch, plan: _StepPlan) -> torch.Tensor:
         # q: [T, nH, D]; k, v: [T, nKV, D] (rotated); returns [T, nH * D]
         k_cache, v_cache = self.kv.k[layer], self.kv.v[layer]  # [rows, nKV, max_len, D]
-        k_cache[batch.rows, :, batch.positions] = k
-        v_cache[batch.rows, :, batch.positions] = v
         T, nH, D = q.shape
+        k_cache.view(-1, D).index_copy_(0, plan.cache_index, k.reshape(-1, D))
+        v_cache.view(-1, D).index_copy_(0, plan.cache_index, v.reshape(-1, D))
+        decode = plan.decode
+        if decode is not None and decode.row_token is not None and len(batch.chunks) == batch.n_rows:
+            # every token decodes and every row has one: gather q by row, scatter o back by token
+            o = self._sdpa_decode(q.index_select(0, decode.row_token), k_cache, v_cache, batch, decode)
+            out = torch.empty_like(q)
+            out[decode.row_token] = o
+            return out.view(T, nH * D)
         out = torch.empty_like(q)
-        if plan is not None:
-            q_rows = q.new_zeros(batch.n_rows, nH, 1, D)
-            q_rows[plan.rows, :, 0] = q[plan.token_index]
-            keys = k_cache[: batch.n_rows, :, : plan.key_len]
-            values = v_cache[: batch.n_rows, :, : plan.key_len]
-            o = F.scaled_dot_product_attention(q_rows, keys, values, attn_mask=plan.mask, scale=self.scaling, enable_gqa=True)
-            out[plan.token_index] = o[plan.rows, :, 0]
+        if decode is not None:
+            q_rows = q.new_zeros(batch.n_rows, nH, D)
+            q_rows[decode.rows] = q[decode.token_index]
+            o = self._sdpa_decode(q_rows, k_cache, v_cache, batch, decode)
+            out[decode.token_index] = o[decode.rows]
         for c in batch.chunks:
             if c.length == 1:
                 continue
@@ -153,29 +222,51 @@ class LlamaRunner:
                 mask = torch.arange(end, device=self.device)[None, :] <= q_pos[:, None]  # [n, end]
                 o = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True)
             out[c.offset : c.offset + c.length] = o[0].transpose(0, 1)
-        return out.reshape(T, nH * D)
+        return out.view(T, nH * D)
+
+    def _sdpa_decode(self, q_rows, k_cache, v_cache, batch: StepBatch, decode: _DecodePlan) -> torch.Tensor:
+        """q_rows [n_rows, nH, D] -> [n_rows, nH, D]: one query per row over its cached keys.
+
+        Grouped-query attention without repeating keys: the query heads sharing a kv head
+        (consecutive heads, as HF's repeat_kv pairs them) become that head's query rows.
+        """
+        n, nH, D = q_rows.shape
+        nKV = k_cache.shape[1]
+        keys = k_cache[:n, :, : decode.key_len]  # [n_rows, nKV, key_len, D] view
+        values = v_cache[:n, :, : decode.key_len]
+        o = F.scaled_dot_product_attention(q_rows.view(n, nKV, nH // nKV, D), keys, values, attn_mask=decode.mask,
+                                           scale=self.scaling)  # [n_rows, nKV, nH / nKV, D]
+        return o.view(n, nH, D)
 
     # --- forward --------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Run one step; return logits [B, vocab] float32 for batch.logits_index."""
+        return self.step(batch)
+
+    def step(self, batch: StepBatch) -> torch.Tensor:
+        """forward without its inference_mode, for torch.compile: AOT autograd cannot trace views
+        of inference tensors, so a compiled step runs under torch.no_grad on normal tensors
+        (tests/test_compile.py traces it in one graph)."""
         g = self.geometry
         T = batch.input_ids.shape[0]
-        h = self.embed(batch.input_ids).to(self.kv.dtype)  # [T, hidden]
+        nH, nKV, D = g.num_heads, g.num_kv_heads, g.head_dim
+        h = self.embed(batch.input_ids).to(self.dtype)  # [T, hidden]
         cos = self.cos[batch.positions][:, None]  # [T, 1, D]
-        sin = self.sin[batch.positions][:, None]
-        plan = self._plan_decode(batch)
-        for i, (in_norm, post_norm, proj, act) in enumerate(self.layers):
-            x = in_norm(h)
-            q = self._proj(i, "q_proj", proj["q_proj"], x, batch).view(T, g.num_heads, g.head_dim)
-            k = self._proj(i, "k_proj", proj["k_proj"], x, batch).view(T, g.num_kv_heads, g.head_dim)
-            v = self._proj(i, "v_proj", proj["v_proj"], x, batch).view(T, g.num_kv_heads, g.head_dim)
-            attn = self._attention(i, self._rope(q, cos, sin), self._rope(k, cos, sin), v, batch, plan)
-            h = h + self._proj(i, "o_proj", proj["o_proj"], attn, batch)
-            x = post_norm(h)
-            gate = self._proj(i, "gate_proj", proj["gate_proj"], x, batch)
-            up = self._proj(i, "up_proj", proj["up_proj"], x, batch)
-            h = h + self._proj(i, "down_proj", proj["down_proj"], act(gate) * up, batch)
-        last = self.norm(h.index_select(0, batch.logits_index))  # [B, hidden]
-        return self.lm_head(last.to(self.lm_head.weight.dtype)).float()  # [B, vocab]
+        sin = self.sin_signed[batch.positions][:, None]
+        plan = self._plan(batch)
+        inter = g.intermediate_size
+        for i, layer in enumerate(self.layers):
+            x = self._rms_norm(layer.in_norm, h)
+            qkv = self._project(i, "qkv", x, batch)  # [T, (nH + 2 nKV) * D]
+            qk = qkv[:, : (nH + nKV) * D].view(T, nH + nKV, D)
+            qk = qk * cos + qk.roll(D // 2, dims=-1) * sin  # RoPE on q and k at once
+            v = qkv[:, (nH + nKV) * D :].view(T, nKV, D)
+            attn = self._attention(i, qk[:, :nH], qk[:, nH:], v, batch, plan)
+            h += self._project(i, "o", attn, batch)
+            x = self._rms_norm(layer.post_norm, h)
+            gate_up = self._project(i, "gate_up", x, batch)  # [T, 2 * intermediate]
+            h += self._project(i, "down", layer.act(gate_up[:, :inter]) * gate_up[:, inter:], batch)
+        last = self._rms_norm(self.norm, h.index_select(0, batch.logits_index))  # [B, hidden]
+        return self.head(last)  # [B, vocab] float32

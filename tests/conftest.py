@@ -65,3 +65,12 @@ def smollm_geometry(smollm_base) -> ModelGeometry:
 def smollm_base_fp32(smollm_dir) -> LoadedBase:
     """The real embedded base, unquantized float32 (for exact-parity checks)."""
     return load_base(BaseModelConfig(quant="none"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tiny_base, tmp_path_factory):
+    """The tiny Llama saved as a transformers folder (what `--base PATH` takes), with SmolLM2's tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-base")
+    tiny_base.model.save_pretrained(path)
+    tiny_base.tokenizer.save_pretrained(path)
+    return path

@@ -114,6 +114,21 @@ def assert_matches_reference(name: str, out: torch.Tensor, twin: torch.Tensor, r
     )
 
 
+def contract_shrink(p: Problem) -> torch.Tensor:
+    """lora_shrink's `Semantics:` run literally, token by token: v [T, R] float32 (rows of -1 zero).
+
+    fp32 accumulation; for fp16 / bf16 inputs each row is rounded to the input dtype, as the
+    contract allows (the twin's 16-bit matmul does it; the Triton kernel is closer). An
+    implementation independent of both, the baseline of their tolerance.
+    """
+    v = torch.zeros(p.x.shape[0], p.lora_a.shape[1], dtype=torch.float32)
+    for t, s in enumerate(p.slots):
+        if s != -1:
+            row = p.x[t].float() @ p.lora_a[s].float().T  # [R]
+            v[t] = row.to(p.x.dtype).float()
+    return v
+
+
 def contract_loop(p: Problem) -> torch.Tensor:
     """The ops' `Semantics:` pseudo-code run literally, token by token, in fp32: y [T, H_out].
 

@@ -52,18 +52,15 @@ QUESTIONS = [
 BATCH = [None, "r8-all", "r16-attn", "r4-mlp", "r8-all", None, "r4-mlp", "r16-attn"]
 
 
-@pytest.fixture(scope="module")
-def adapters_dir(smollm_base_fp32, tmp_path_factory):
-    """Three adapters made and saved by PEFT with its own random init (B scaled to keep text readable)."""
+def write_oracle_adapters(model, root):
+    """Three adapters made and saved by PEFT with its own random init (B scaled to keep text
+    readable), into root/<name>. Also used by the GPU check (benchmarks/gpu/check.py)."""
     from peft import LoraConfig, get_peft_model
 
-    root = tmp_path_factory.mktemp("oracle-adapters")
     for i, (name, (rank, alpha, targets, b_scale)) in enumerate(ADAPTERS.items()):
         torch.manual_seed(100 + i)
         peft_model = get_peft_model(
-            smollm_base_fp32.model,
-            LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False),
-        )
+            model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False))
         try:
             with torch.no_grad():
                 for module in peft_model.modules():
@@ -73,6 +70,11 @@ def adapters_dir(smollm_base_fp32, tmp_path_factory):
         finally:
             peft_model.unload()  # leaves the shared base without LoRA layers
     return root
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(smollm_base_fp32, tmp_path_factory):
+    return write_oracle_adapters(smollm_base_fp32.model, tmp_path_factory.mktemp("oracle-adapters"))
 
 
 def _prompts(tokenizer):
@@ -133,12 +135,12 @@ def peft_alone(base, adapters_dir, engine_rows):
 
     def greedy(ids):
         """Tokens up to and including EOS, and the raw log-probs of every decoding step."""
-        out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad,
+        out = model.generate(torch.tensor([ids], device=base.device), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad,
                              eos_token_id=eos, output_logits=True, return_dict_in_generate=True)
         tokens = out.sequences[0, len(ids):].tolist()
         if eos in tokens:
             tokens = tokens[: tokens.index(eos) + 1]
-        scores = torch.stack([torch.log_softmax(s[0].float(), -1) for s in out.logits])[: len(tokens)]  # [n, V]
+        scores = torch.stack([torch.log_softmax(s[0].float(), -1) for s in out.logits])[: len(tokens)].cpu()  # [n, V]
         return tokens, scores
 
     rows = []
@@ -154,7 +156,8 @@ def peft_alone(base, adapters_dir, engine_rows):
                     context = torch.no_grad()
                 with context:
                     tokens, incremental = greedy(ids)
-                    logits = model(torch.tensor([ids + engine_tokens])).logits[0, len(ids) - 1 : -1].float()
+                    logits = model(torch.tensor([ids + engine_tokens], device=base.device)).logits[0, len(ids) - 1 : -1]
+                    logits = logits.float().cpu()
             rows.append({"tokens": tokens, "incremental": incremental, "forced": torch.log_softmax(logits, -1),
                          "base_tokens": base_tokens})
     finally:

@@ -7,61 +7,27 @@ came from.
       lorad_provenance.json       base name + weights digest, lorad version, resolved config,
                                   data digest, steps, final train and eval loss, versions
 
-Files are staged in a temporary folder and moved in with os.replace, weights first and
-adapter_config.json (what `lorad serve` looks for) after them; lorad_provenance.json goes last,
-so its presence means the adapter beside it is complete.
+Files are written by lorad's one adapter writer (lorad.deltas.adapter_io): staged in a temporary
+folder and moved in with os.replace, weights first and adapter_config.json (what `lorad serve`
+looks for) after them; lorad_provenance.json goes last, so its presence means the adapter beside
+it is complete.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.metadata
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-PROVENANCE_FILE = "lorad_provenance.json"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+from lorad.deltas.adapter_io import PROVENANCE_FILE, package_versions, write_peft_model
 
-
-def package_versions() -> dict[str, str]:
-    out = {}
-    for dist in ("lorad", "torch", "transformers", "peft", "bitsandbytes", "accelerate"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
+__all__ = ["PROVENANCE_FILE", "build_provenance", "package_versions", "write_adapter"]
 
 
 def write_adapter(peft_model, output_dir: Path, base_name: str, provenance: dict) -> Path:
-    """Save the active adapter of `peft_model` into output_dir (PEFT format) with provenance."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=output_dir))
-    try:
-        config = peft_model.peft_config["default"]
-        saved_name = config.base_model_name_or_path
-        config.base_model_name_or_path = base_name
-        try:
-            peft_model.save_pretrained(str(staging), safe_serialization=True, save_embedding_layers=False)
-        finally:
-            config.base_model_name_or_path = saved_name
-        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=False) + "\n")
-        for name in ADAPTER_FILES + (PROVENANCE_FILE,):
-            with open(staging / name, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(staging / name, output_dir / name)
-        fd = os.open(output_dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return output_dir
+    """Save the active adapter of `peft_model` into output_dir (PEFT format) with provenance, through
+    lorad's one adapter writer (lorad.deltas.adapter_io.write_adapter: staged, fsynced, moved in
+    weights first, config next, provenance last)."""
+    return write_peft_model(peft_model, output_dir, base_name, provenance)
 
 
 def build_provenance(
