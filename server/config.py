@@ -99,6 +99,8 @@ class ServerConfig:
     tls_cert / tls_key: PEM files; serve TLS instead of plaintext. tls_client_ca: also require
         client certificates signed by this CA (mTLS).
     max_upload_bytes: the most one UploadAdapter may send (all files together).
+    export_dir: the folder MergeAdapter writes merged models into (None: MergeAdapter is off);
+        a client names an output inside it, never a path.
     """
 
     host: str = "127.0.0.1"
@@ -123,6 +125,7 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     max_upload_bytes: int = 2 * 2**30
+    export_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not (0 <= self.port <= 65535):
