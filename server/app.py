@@ -1,10 +1,14 @@
-"""Assemble and run the server: gRPC (Generator, health, reflection), Prometheus, the engine.
+"""Assemble and run the server: gRPC (Generator, health, reflection), the OpenAI-compatible HTTP
+API (with --http-port), Prometheus, the engine. Both transports share one request path
+(lorad.server.frontend).
 
-Start-up order: the gRPC port opens first with health NOT_SERVING (so orchestrators can probe
-it), the base loads in a worker thread, then the engine starts and health turns SERVING.
+Start-up order: the gRPC port (and the HTTP port) opens first with health NOT_SERVING and /ready
+503 (so orchestrators can probe it), the base loads in a worker thread, then the engine starts
+and health turns SERVING.
 Shutdown (SIGINT / SIGTERM or `stop()`): health NOT_SERVING and /ready 503, then for
 `drain_seconds` new RPCs are still served (balancers are taking this replica out), then no new
-RPCs, in-flight RPCs get `grace_seconds` to finish, then the engine stops.
+RPCs (and no new HTTP connections), in-flight requests get `grace_seconds` to finish, then the
+engine stops.
 Readiness (lorad.server.readiness) is the one source of truth; gRPC health and the HTTP probes
 both report it.
 """
@@ -49,7 +53,7 @@ class LoradServer:
         self._preloaded = base
         self.metrics = Metrics()
         self.readiness = Readiness()
-        self.frontend = Frontend(config.max_unsent_chunks)
+        self.frontend = Frontend(config.max_unsent_chunks, on_done=self.metrics.transport_request)
         self.admin = AdapterManagerService(config.adapters_dir, UploadLimits(max_bytes=config.max_upload_bytes),
                                            base=config.base, export_dir=config.export_dir)
         self.service = GeneratorService(config.base.name, self.frontend, listing=self.admin.listing)
@@ -58,6 +62,9 @@ class LoradServer:
         self.engine: Engine | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http = None  # lorad.server.http_server.HttpServer with --http-port
+        self.http_api = None  # lorad.server.openai_api.OpenAIApi with --http-port
+        self.http_port: int | None = None
         self.model_thread = ModelThread()
         self._stopped = asyncio.Event()
 
@@ -98,6 +105,22 @@ class LoradServer:
         await self._sync_health()
         await self.server.start()
         log.info("gRPC listening on %s:%d (health NOT_SERVING until the base is loaded)", cfg.host, self.port)
+        if cfg.http_port is not None:
+            from lorad.server.http_server import HttpServer  # FastAPI/uvicorn only when asked for
+            from lorad.server.openai_api import OpenAIApi
+
+            http_host = cfg.http_host or cfg.host
+            if not is_loopback(http_host) and not cfg.tls:
+                log.warning("HTTP API on %s without TLS: prompts and tokens cross the network in clear", http_host)
+            self.http_api = OpenAIApi(self.frontend, self.readiness, policy, listing=self.admin.listing,
+                                      base_name=cfg.base.name, observer=self.metrics,
+                                      max_concurrency=cfg.http_max_concurrency,
+                                      max_body_bytes=cfg.max_request_bytes)
+            self.http = HttpServer(self.http_api.app, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
+                                   tls_client_ca=cfg.tls_client_ca)
+            self.http_port = await self.http.start(http_host, cfg.http_port)
+            log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1 (/ready 503 until the base is loaded)",
+                     "https" if cfg.tls else "http", http_host, self.http_port)
         self.metrics.watch_adapters(lambda: self.engine.residency if self.engine is not None else None,
                                     with_ids=cfg.metrics_adapter_ids)
         if cfg.metrics_port is not None:
@@ -129,6 +152,8 @@ class LoradServer:
         self.metrics.memory.labels("base_weights").set(base.model.get_memory_footprint() + self.engine.runner.extra_bytes)
         self.metrics.slots(0, cfg.engine.max_loras)
         self.service.base_name = base.resolved.display_name
+        if self.http_api is not None:
+            self.http_api.base_name = base.resolved.display_name
         self.frontend.engine = self.engine
         self.admin.base_name = base.resolved.display_name
         self.admin.engine = self.engine
@@ -162,8 +187,10 @@ class LoradServer:
             if was_ready and drain > 0:  # keep serving while balancers see /ready fail
                 log.info("draining: not ready, still serving new requests for %.1f s", drain)
                 await asyncio.sleep(drain)
-            if self.server is not None:
-                await self.server.stop(grace)
+            stopping = [self.server.stop(grace)] if self.server is not None else []
+            if self.http is not None:
+                stopping.append(self.http.stop(grace))
+            await asyncio.gather(*stopping)
             if self.engine is not None:
                 await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
         finally:

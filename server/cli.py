@@ -38,6 +38,14 @@ def _default(name: str):
 @click.option("--port", type=int, default=_default("port"), show_default=True, help="gRPC port (0 = any free port).")
 @click.option("--metrics-port", type=int, default=_default("metrics_port"), show_default=True,
               help="Prometheus /metrics port; -1 disables it.")
+@click.option("--http-port", type=int, default=_default("http_port"),
+              help="Also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                   "/v1/models, /health, /ready) on this port, same engine as gRPC; 0 = any free port "
+                   "[default: off; -1 also means off].")
+@click.option("--http-host", default=_default("http_host"),
+              help="Address of the HTTP API [default: --host].")
+@click.option("--http-max-concurrency", type=int, default=_default("http_max_concurrency"), show_default=True,
+              help="HTTP generation requests in the server at once; one more gets 429 with Retry-After.")
 @click.option("--max-loras", type=int, default=_E.max_loras, show_default=True,
               help="Adapter slots on the device; adapters in slots share every batch.")
 @click.option("--max-cpu-loras", type=int, default=None,
@@ -97,16 +105,19 @@ def _default(name: str):
                    "(lorad_adapter_resident, lorad_lora_requests_info in vLLM's shape) for adapter-aware "
                    "routers. Off by default: adapter ids become label values.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
-def serve(base, quant, device, adapters_dir, host, port, metrics_port, max_loras, max_cpu_loras, max_lora_rank,
+def serve(base, quant, device, adapters_dir, host, port, metrics_port, http_port, http_host, http_max_concurrency,
+          max_loras, max_cpu_loras, max_lora_rank,
           max_batch_size, max_seq_len, kv_cache_memory, max_prefill_tokens, max_queue, default_max_new_tokens,
           threads, dequant_memory, lora_backend, max_request_bytes, max_unsent_chunks, admin_token_file,
           api_token_file, tls_cert, tls_key, tls_client_ca, max_upload_bytes, export_dir, grace_seconds,
           drain_seconds, metrics_adapter_ids, log_level):
-    """Serve one base model and every adapter in --adapters over gRPC (lorad.v1.Generator).
+    """Serve one base model and every adapter in --adapters over gRPC (lorad.v1.Generator), and
+    with --http-port over an OpenAI-compatible HTTP API where every adapter is a model.
 
     \b
     Examples:
       lorad serve --adapters ./adapters
+      lorad serve --adapters ./adapters --http-port 8000
       lorad serve --base llama-3.1-8b-nf4 --adapters /srv/adapters --max-loras 32
       lorad serve --base ./my-llama-folder --quant none --device cpu
       lorad serve --host 0.0.0.0 --tls-cert srv.pem --tls-key srv.key --admin-token-file admin.token
@@ -118,6 +129,9 @@ def serve(base, quant, device, adapters_dir, host, port, metrics_port, max_loras
             host=host,
             port=port,
             metrics_port=None if metrics_port is not None and metrics_port < 0 else metrics_port,
+            http_port=None if http_port is not None and http_port < 0 else http_port,
+            http_host=http_host,
+            http_max_concurrency=http_max_concurrency,
             adapters_dir=adapters_dir,
             grace_seconds=grace_seconds,
             max_request_bytes=max_request_bytes,

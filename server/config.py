@@ -1,4 +1,4 @@
-"""Typed configuration of the engine and the gRPC server. CLI defaults come from here."""
+"""Typed configuration of the engine and the server (gRPC, the HTTP API). CLI defaults come from here."""
 
 from __future__ import annotations
 
@@ -101,6 +101,10 @@ class ServerConfig:
     max_upload_bytes: the most one UploadAdapter may send (all files together).
     export_dir: the folder MergeAdapter writes merged models into (None: MergeAdapter is off);
         a client names an output inside it, never a path.
+    http_port: the OpenAI-compatible HTTP API (lorad.server.openai_api) on this port, beside gRPC,
+        on the same engine; None = off (the default), 0 = any free port. http_host: None = host.
+        Its bodies are limited to max_request_bytes and its tokens are api_token_file's.
+    http_max_concurrency: HTTP generation requests in the server at once; one more gets 429.
     """
 
     host: str = "127.0.0.1"
@@ -126,12 +130,18 @@ class ServerConfig:
     tls_client_ca: str | None = None
     max_upload_bytes: int = 2 * 2**30
     export_dir: str | None = None
+    http_port: int | None = None
+    http_host: str | None = None
+    http_max_concurrency: int = 1024
 
     def __post_init__(self) -> None:
         if not (0 <= self.port <= 65535):
             raise ConfigError(f"port: {self.port} is outside 0-65535")
         if self.metrics_port is not None and not (0 <= self.metrics_port <= 65535):
             raise ConfigError(f"metrics_port: {self.metrics_port} is outside 0-65535")
+        if self.http_port is not None and not (0 <= self.http_port <= 65535):
+            raise ConfigError(f"http_port: {self.http_port} is outside 0-65535 (leave it out to turn HTTP off)")
+        _positive("http_max_concurrency", self.http_max_concurrency)
         for name in ("grace_seconds", "drain_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative")

@@ -8,14 +8,16 @@ However the iteration ends (the final event, an error, the consumer closing the 
 being cancelled), an unfinished engine request is cancelled, which frees its batch row at the
 next step. A transport whose handler can be left suspended (grpc.aio does not resume a handler
 blocked in a write whose RPC was cancelled) also calls the cancel function it gets through
-`on_submitted` when its call ends. Transports (lorad.server.grpc_service, an HTTP gateway) only
-translate their messages to GenerationInput and Events to theirs.
+`on_submitted` when its call ends. Transports (lorad.server.grpc_service, lorad.server.openai_api)
+only translate their messages to GenerationInput and Events to theirs, and name themselves
+(`transport`) so `on_done` can count requests per transport.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
@@ -83,9 +85,12 @@ class _RequestEvents:
 
 
 class Frontend:
-    def __init__(self, max_unsent_chunks: int):
+    def __init__(self, max_unsent_chunks: int,
+                 on_done: Callable[[str, str, float], None] | None = None):
         self.engine: Engine | None = None  # set once the base is loaded
         self.max_unsent_chunks = max_unsent_chunks
+        # (transport, outcome "ok" | "cancelled" | "error", seconds) once per request that got here
+        self.on_done = on_done
 
     def engine_or_raise(self) -> Engine:
         if self.engine is None:
@@ -108,36 +113,41 @@ class Frontend:
             engine.cancel(events.request_id)
         return events
 
-    async def generate(self, request: GenerationInput, *, stream: bool,
+    async def generate(self, request: GenerationInput, *, stream: bool, transport: str = "grpc",
                        on_submitted: Callable[[Callable[[], None]], None] | None = None,
                        on_refused: Callable[[Exception], None] | None = None) -> AsyncIterator[Event]:
         """Submit and yield the request's events up to the final one (only the final one unless
         `stream`). A refusal at submission (on_refused is told) or an error event is raised."""
         events = None
         finished = False
+        started = time.perf_counter()
+        outcome = "cancelled"  # unless the final event or an error comes first
 
         def cancel() -> None:
             if events is not None and not finished:
                 events.engine.cancel(events.request_id)
 
         try:
-            events = await self._submit(request, stream)
-        except Exception as exc:
-            if on_refused is not None and self.engine is not None:
-                on_refused(exc)
-            raise
-        try:
+            try:
+                events = await self._submit(request, stream)
+            except Exception as exc:
+                outcome = "error"
+                if on_refused is not None and self.engine is not None:
+                    on_refused(exc)
+                raise
             if on_submitted is not None:
                 on_submitted(cancel)
             while True:
                 event = await events.get()
                 if event.kind == "error":
-                    finished = True  # the engine is done with it (or has been told to cancel it)
+                    finished, outcome = True, "error"  # the engine is done with it (or was told to cancel it)
                     raise event.error
                 if event.kind == "final":
-                    finished = True
+                    finished, outcome = True, "ok"
                 yield event
                 if finished:
                     return
         finally:
             cancel()
+            if self.on_done is not None:
+                self.on_done(transport, outcome, time.perf_counter() - started)

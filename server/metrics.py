@@ -80,6 +80,13 @@ class Metrics(EngineObserver):
         self.adapter_actions = Counter(
             "lorad_adapter_actions_total", "Adapter management actions: load, unload, delete, replace, upload, combine, merge.",
             ["action"], registry=r)
+        self.transport_requests = Counter(
+            "lorad_transport_requests_total",
+            "Generation requests by transport (grpc, http) and outcome (ok, cancelled, error).",
+            ["transport", "outcome"], registry=r)
+        self.transport_duration = Histogram(
+            "lorad_transport_request_seconds", "Receipt to last event of a generation request, by transport.",
+            ["transport"], buckets=LATENCY_BUCKETS, registry=r)
         self.rss = Gauge("lorad_process_resident_memory_bytes", "Resident memory of the server process.", registry=r)
         self.rss.set_function(_process_rss_bytes)
         self._http = None
@@ -107,6 +114,11 @@ class Metrics(EngineObserver):
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+    def transport_request(self, transport: str, outcome: str, seconds: float) -> None:
+        """One generation request ended at a transport (lorad.server.frontend's on_done)."""
+        self.transport_requests.labels(transport, outcome).inc()
+        self.transport_duration.labels(transport).observe(seconds)
 
     # --- EngineObserver ---------------------------------------------------------------------
 

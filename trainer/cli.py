@@ -18,6 +18,9 @@ from lorad.errors import LoradError
 @click.option("--resume", is_flag=True, help="Continue the run in output_dir from its latest complete checkpoint.")
 @click.option("--resume-from", type=click.Path(file_okay=False), default=None,
               help="Continue from this checkpoint folder (OUTPUT_DIR/checkpoints/checkpoint-N).")
+@click.option("--init-from", type=click.Path(file_okay=False), default=None, metavar="CHECKPOINT",
+              help="Start a new run from this checkpoint's adapter (OUTPUT_DIR/checkpoints/checkpoint-N) with a fresh "
+                   "optimizer and schedule under this config (e.g. a lower learning_rate after a loss spike, more epochs).")
 @click.option("--stop-after", type=click.IntRange(min=1), default=None, metavar="STEP",
               help="Stop after this optimizer step with a checkpoint, as on Ctrl-C (for time-boxed jobs).")
 @click.option("--push", metavar="HOST:PORT", default=None,
@@ -29,7 +32,7 @@ from lorad.errors import LoradError
               help="The server's admin token, for --push [env LORAD_TOKEN].")
 @click.option("--tls-ca", envvar="LORAD_TLS_CA", type=click.Path(dir_okay=False), default=None,
               help="Reach the --push server over TLS, verifying it with this PEM CA file [env LORAD_TLS_CA].")
-def train(config, overrides, dry_run, resume, resume_from, stop_after, push, push_id, token, tls_ca):
+def train(config, overrides, dry_run, resume, resume_from, init_from, stop_after, push, push_id, token, tls_ca):
     """QLoRA-train an adapter from an axolotl-style YAML CONFIG.
 
     \b
@@ -38,6 +41,7 @@ def train(config, overrides, dry_run, resume, resume_from, stop_after, push, pus
       lorad train cfg.yaml --set max_steps=50 --set learning_rate=1e-4
       lorad train cfg.yaml --dry-run
       lorad train cfg.yaml --resume                  # after a stop or a crash
+      lorad train cfg.yaml --init-from out/checkpoints/checkpoint-200 --set output_dir=out2 --set learning_rate=5e-5
       torchrun --nproc-per-node 2 -m lorad.cli train cfg.yaml   # data parallel
       lorad train cfg.yaml --push 127.0.0.1:50051    # then serve it on a running server
     """
@@ -54,9 +58,10 @@ def train(config, overrides, dry_run, resume, resume_from, stop_after, push, pus
             if dry_run:
                 from lorad.trainer.dry_run import dry_run_report
 
-                click.echo(dry_run_report(cfg))
+                click.echo(dry_run_report(cfg, init_from=init_from))
                 return
-            recipe = QLoRARecipe(cfg, resume=resume, resume_from=resume_from, stop_after=stop_after)
+            recipe = QLoRARecipe(cfg, resume=resume, resume_from=resume_from, init_from=init_from,
+                                 stop_after=stop_after)
             try:
                 recipe.setup()
                 result = recipe.train()
