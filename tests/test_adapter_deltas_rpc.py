@@ -49,6 +49,10 @@ def _greedy(c: Client, adapter_id: str) -> list[int]:
     return c.generate(PROMPT, adapter_id=adapter_id, max_new_tokens=12).token_ids
 
 
+def _actions(server, action: str) -> float:
+    return server.server.metrics.adapter_actions.labels(action)._value.get()
+
+
 def _code(call) -> grpc.StatusCode:
     with pytest.raises(LoradRPCError) as info:
         call()
@@ -57,6 +61,7 @@ def _code(call) -> grpc.StatusCode:
 
 
 def test_combine_serves_what_an_offline_combine_writes(server):
+    combines, replaces = _actions(server, "combine"), _actions(server, "replace")
     with Client(server.target, timeout=120) as c:
         done = c.combine_adapters([("a", 1.0), ("b", -0.5)], "ab", method="linear")
         assert done.rank == 6 and done.overall_error < 1e-5 and not done.replaced
@@ -75,6 +80,7 @@ def test_combine_serves_what_an_offline_combine_writes(server):
         ties = c.combine_adapters(["a", "b"], "ab", method="ties", density=0.5, rank=4, replace=True)
         assert ties.replaced and ties.previous_digest == done.adapter.digest and ties.rank == 4
         assert c.generate(PROMPT, adapter_id="ab", max_new_tokens=2).adapter_version == ties.adapter.digest
+    assert (_actions(server, "combine") - combines, _actions(server, "replace") - replaces) == (2, 1)
 
 
 def test_combine_refusals_are_statuses_with_a_sentence(server, tiny_geometry):
@@ -111,7 +117,9 @@ def test_merge_writes_a_folder_that_answers_like_the_served_adapter(server, tiny
     with Client(server.target, timeout=600) as c:
         served = _greedy(c, "a")
         assert served != c.generate(PROMPT, max_new_tokens=12).token_ids  # the adapter changes the answer
+        merges = _actions(server, "merge")
         merged = c.merge_adapter("a")
+        assert _actions(server, "merge") == merges + 1
     assert merged.verified and merged.format == "hf" and merged.bytes > 0
     assert merged.path == str(server.exports / "a-merged") and merged.max_logprob_error <= 1e-3
     assert merged.verification and "passed" in merged.verification[0]
