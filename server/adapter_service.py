@@ -303,7 +303,6 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
             await self._fail(context, exc)
             return
         checks = report.checks or ([report.merge.verification] if report.merge and report.merge.verification else [])
-        errors = [c.max_logprob_diff for c in checks] + list(report.adapter_errors.values())
         log.info("merged adapter %s into %s (%s)", request.id, report.path, report.format)
         return lorad_pb2.MergeAdapterResponse(
             path=str(report.path), format=report.format, bytes=report.bytes,
@@ -311,4 +310,4 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
             verification=[c.summary() for c in checks] + (
                 [f"{len(report.adapter_errors)} module deltas read back; max relative error "
                  f"{max(report.adapter_errors.values()):.2e}"] if report.adapter_errors else []),
-            max_logprob_error=max(errors, default=0.0), seconds=time.perf_counter() - started)
+            max_logprob_error=max((c.max_logprob_diff for c in checks), default=0.0), seconds=time.perf_counter() - started)

@@ -182,6 +182,23 @@ def test_cli_combine_and_merge(server):
     assert r.exit_code == 1 and "INVALID_ARGUMENT" in r.output and "--export-dir" in r.output
 
 
+def test_asyncio_client_combines_and_merges(server):
+    import asyncio
+
+    from lorad.clients import AsyncClient
+
+    async def run():
+        async with AsyncClient(server.target, timeout=600) as c:
+            combined = await c.combine_adapters(["a", ("b", 2.0)], "async-ab", method="cat")
+            merged = await c.merge_adapter("async-ab", format="gguf-adapter")
+            return combined, merged
+
+    combined, merged = asyncio.run(run())
+    assert combined.rank == 6 and combined.overall_error == 0.0  # cat is exact
+    assert merged.path == str(server.exports / "async-ab.gguf") and merged.verified and merged.bytes > 0
+    assert "module deltas read back" in merged.verification[0]  # the adapter GGUF's check
+
+
 def test_without_export_dir_merge_is_refused_with_a_sentence(tiny_base, tiny_geometry, tmp_path):
     root = tmp_path / "adapters"
     write_random_adapter(root / "a", tiny_geometry, rank=2, seed=1)
