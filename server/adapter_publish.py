@@ -291,7 +291,6 @@ class AdapterPublisher:
         _fsync_dir(self.root)
         return out
 
-
     def retire(self, adapter_id: str) -> Path:
         """Rename an adapter's folder out of the adapters folder (the first half of a delete);
         returns where it went, for purge()."""
