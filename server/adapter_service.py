@@ -175,6 +175,7 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
         folder is renamed out of the adapters folder, then removed."""
         try:
             publisher = self._publisher()
+            publisher.check_writable()  # before the engine lets go of it
             report = await self._command(Delete(request.id), context)
             loop = asyncio.get_running_loop()
             # the version deleted: the one in memory, else the files' (an adapter only on disk)
