@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 HOST   ?= 127.0.0.1
 PORT   ?= 50051
 ADAPTERS ?= adapters
+HTTP_PORT ?=
 
 .PHONY: serve test install system-deps proto bench cluster clean-venv
 
@@ -21,11 +22,12 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 install: $(VENV)/.installed
 
 # Start the server on the embedded default base (SmolLM2-135M-Instruct, NF4) with the
-# adapters in ./adapters (created with two small demo adapters if missing).
+# adapters in ./adapters (created with two small demo adapters if missing). HTTP_PORT=8000 also
+# serves the OpenAI-compatible HTTP API there.
 serve: install
 	mkdir -p $(ADAPTERS)
 	$(PY) -m lorad.demo $(ADAPTERS)
-	$(VENV)/bin/lorad serve --host $(HOST) --port $(PORT) --adapters $(ADAPTERS)
+	$(VENV)/bin/lorad serve --host $(HOST) --port $(PORT) --adapters $(ADAPTERS) $(if $(HTTP_PORT),--http-port $(HTTP_PORT))
 
 # REPLICAS lorad servers on loopback behind HAProxy (apt-get install haproxy), hashing on the
 # x-lorad-adapter header; prints the address to use with `lorad generate --target`; Ctrl-C stops it.

@@ -6,14 +6,27 @@
         for piece in client.stream(messages=[{"role": "user", "content": "Hi"}]):
             ...
 
-AsyncClient has the same methods for asyncio. Both send the adapter id also as the gRPC metadata
-`x-lorad-adapter` (ROUTING_HEADER), the key a load balancer hashes on (lorad.clients.channel).
+AsyncClient has the same methods for asyncio. Adapter management (admin):
+load_adapter(id, pin=...), unpin_adapter, unload_adapter, delete_adapter,
+upload_adapter(folder, id, replace=...), get_adapter; pass token=... (or set LORAD_TOKEN) and
+tls_ca=... for a server with tokens and TLS. Both clients send the adapter id also as the gRPC
+metadata `x-lorad-adapter` (ROUTING_HEADER), the key a load balancer hashes on (lorad.clients.channel).
 """
 
 from lorad.clients.aio_client import AsyncClient
 from lorad.clients.channel import ROUTING_HEADER
 from lorad.clients.sync_client import Client
-from lorad.clients.types import AdapterInfo, AdapterList, Chunk, Completion, LoradRPCError
+from lorad.clients.types import (
+    AdapterInfo,
+    AdapterList,
+    Chunk,
+    Completion,
+    DeleteResult,
+    LoadResult,
+    LoradRPCError,
+    UnloadResult,
+    UploadResult,
+)
 
-__all__ = ["AdapterInfo", "AdapterList", "AsyncClient", "Chunk", "Client", "Completion", "LoradRPCError",
-           "ROUTING_HEADER"]
+__all__ = ["AdapterInfo", "AdapterList", "AsyncClient", "Chunk", "Client", "Completion", "DeleteResult", "LoadResult",
+           "LoradRPCError", "ROUTING_HEADER", "UnloadResult", "UploadResult"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import AsyncIterator
 
 import grpc
@@ -10,32 +11,57 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lorad.v1 import lorad_pb2, lorad_pb2_grpc
 
 from lorad.clients.channel import DEFAULT_RETRIES, channel_options, routing_metadata
-from lorad.clients.types import AdapterList, Chunk, Completion, LoradRPCError, build_request
+from lorad.clients.types import (
+    AdapterInfo,
+    AdapterList,
+    Chunk,
+    Completion,
+    DeleteResult,
+    LoadResult,
+    LoradRPCError,
+    UnloadResult,
+    UploadResult,
+    build_request,
+    call_metadata,
+    channel_credentials,
+    resolve_token,
+    upload_messages,
+)
 
 
 class AsyncClient:
-    """The asyncio twin of lorad.clients.Client, with the same methods, awaited."""
+    """The asyncio twin of lorad.clients.Client, with the same methods and options, awaited."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 300.0,
-                 retries: int = DEFAULT_RETRIES):
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 300.0, token: str | None = None,
+                 tls: bool = False, tls_ca: str | None = None, client_cert: str | None = None,
+                 client_key: str | None = None, retries: int = DEFAULT_RETRIES):
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=channel_options(retries))
+        if tls or tls_ca or client_cert:
+            self._channel = grpc.aio.secure_channel(target, channel_credentials(tls_ca, client_cert, client_key),
+                                                    options=channel_options(retries))
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=channel_options(retries))
+        self._metadata = call_metadata(resolve_token(token))
         self._stub = lorad_pb2_grpc.GeneratorStub(self._channel)
+        self._admin = lorad_pb2_grpc.AdapterManagerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    async def generate(self, prompt: str | None = None, *, timeout: float | None = None, **fields) -> Completion:
+    async def _call(self, method, request, timeout: float | None, adapter_id: str | None = None):
         try:
-            reply = await self._stub.Generate(build_request(prompt, **fields), timeout=timeout or self.timeout,
-                                              metadata=routing_metadata(fields.get("adapter_id")))
+            return await method(request, timeout=timeout or self.timeout,
+                                metadata=self._metadata + routing_metadata(adapter_id))
         except grpc.RpcError as err:
             raise LoradRPCError.wrap(err) from None
-        return Completion.from_proto(reply)
+
+    async def generate(self, prompt: str | None = None, *, timeout: float | None = None, **fields) -> Completion:
+        return Completion.from_proto(await self._call(self._stub.Generate, build_request(prompt, **fields), timeout,
+                                                      fields.get("adapter_id")))
 
     async def stream(self, prompt: str | None = None, *, timeout: float | None = None,
                      **fields) -> AsyncIterator[Chunk | Completion]:
         call = self._stub.GenerateStream(build_request(prompt, **fields), timeout=timeout or self.timeout,
-                                         metadata=routing_metadata(fields.get("adapter_id")))
+                                         metadata=self._metadata + routing_metadata(fields.get("adapter_id")))
         try:
             async for message in call:
                 if message.HasField("chunk"):
@@ -48,15 +74,38 @@ class AsyncClient:
             call.cancel()
 
     async def list_adapters(self, *, timeout: float | None = None) -> AdapterList:
-        try:
-            reply = await self._stub.ListAdapters(lorad_pb2.ListAdaptersRequest(), timeout=timeout or self.timeout)
-        except grpc.RpcError as err:
-            raise LoradRPCError.wrap(err) from None
-        return AdapterList.from_proto(reply)
+        return AdapterList.from_proto(await self._call(self._stub.ListAdapters, lorad_pb2.ListAdaptersRequest(), timeout))
 
-    async def health(self, *, timeout: float = 5.0) -> str:
+    async def get_adapter(self, adapter_id: str, *, timeout: float | None = None) -> AdapterInfo:
+        return AdapterInfo.from_proto(
+            await self._call(self._admin.GetAdapter, lorad_pb2.GetAdapterRequest(id=adapter_id), timeout))
+
+    async def load_adapter(self, adapter_id: str, *, pin: bool = False, timeout: float | None = None) -> LoadResult:
+        r = await self._call(self._admin.LoadAdapter, lorad_pb2.LoadAdapterRequest(id=adapter_id, pin=pin), timeout)
+        return LoadResult(AdapterInfo.from_proto(r.adapter), r.host_load_seconds, r.device_load_seconds)
+
+    async def unpin_adapter(self, adapter_id: str, *, timeout: float | None = None) -> AdapterInfo:
+        return AdapterInfo.from_proto(
+            await self._call(self._admin.UnpinAdapter, lorad_pb2.UnpinAdapterRequest(id=adapter_id), timeout))
+
+    async def unload_adapter(self, adapter_id: str, *, timeout: float | None = None) -> UnloadResult:
+        r = await self._call(self._admin.UnloadAdapter, lorad_pb2.UnloadAdapterRequest(id=adapter_id), timeout)
+        return UnloadResult(AdapterInfo.from_proto(r.adapter), r.requests_drained, r.seconds, r.freed_host_bytes,
+                            r.freed_slot)
+
+    async def delete_adapter(self, adapter_id: str, *, timeout: float | None = None) -> DeleteResult:
+        r = await self._call(self._admin.DeleteAdapter, lorad_pb2.DeleteAdapterRequest(id=adapter_id), timeout)
+        return DeleteResult(r.id, r.digest, r.requests_drained, r.seconds)
+
+    async def upload_adapter(self, folder: str | Path, adapter_id: str, *, replace: bool = False,
+                             timeout: float | None = None) -> UploadResult:
+        # the files are read as the stream is sent: a few 1 MiB reads, off the hot path of any loop
+        r = await self._call(self._admin.UploadAdapter, upload_messages(folder, adapter_id, replace), timeout)
+        return UploadResult(AdapterInfo.from_proto(r.adapter), r.replaced, r.previous_digest, r.bytes_received)
+
+    async def health(self, *, timeout: float = 5.0, service: str = "") -> str:
         try:
-            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as err:
             raise LoradRPCError.wrap(err) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

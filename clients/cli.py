@@ -36,8 +36,11 @@ def _fail(err: LoradRPCError) -> None:
 @click.option("--stop", multiple=True, help="Stop sequence (repeatable); not included in the output.")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Deadline in seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole response as JSON.")
+@click.option("--token", envvar="LORAD_TOKEN", default=None, help="Bearer token, if the server needs one [env LORAD_TOKEN].")
+@click.option("--tls-ca", envvar="LORAD_TLS_CA", type=click.Path(dir_okay=False), default=None,
+              help="Connect over TLS, verifying the server with this PEM CA file [env LORAD_TLS_CA].")
 def generate(prompt, target, adapter_id, stream, raw, system, max_new_tokens, temperature, top_p, top_k, seed,
-             repetition_penalty, stop, timeout, as_json):
+             repetition_penalty, stop, timeout, as_json, token, tls_ca):
     """Generate a completion for PROMPT, optionally through an adapter.
 
     \b
@@ -55,7 +58,7 @@ def generate(prompt, target, adapter_id, stream, raw, system, max_new_tokens, te
         fields = {"messages": messages}
     fields.update(adapter_id=adapter_id, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                   top_k=top_k, seed=seed, repetition_penalty=repetition_penalty, stop=list(stop))
-    with Client(target, timeout=timeout) as client:
+    with Client(target, timeout=timeout, token=token, tls_ca=tls_ca) as client:
         try:
             if stream and not as_json:
                 for event in client.stream(**fields):
@@ -75,26 +78,201 @@ def generate(prompt, target, adapter_id, stream, raw, system, max_new_tokens, te
         click.echo(result.text)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--target", default=DEFAULT_TARGET, show_default=True, help="Server address HOST:PORT.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def adapters(target, as_json):
-    """List the adapters a running server knows, with rank, targets and where each one is."""
-    with Client(target, timeout=30) as client:
-        try:
-            listing = client.list_adapters()
-        except LoradRPCError as err:
-            _fail(err)
+def _connection_options(fn):
+    """--target, --token, --tls-ca: how every command reaches a server (also via env variables)."""
+    fn = click.option("--tls-ca", envvar="LORAD_TLS_CA", type=click.Path(dir_okay=False), default=None,
+                      help="Connect over TLS, verifying the server with this PEM CA file [env LORAD_TLS_CA].")(fn)
+    fn = click.option("--token", envvar="LORAD_TOKEN", default=None,
+                      help="Bearer token (the admin token for adapter management) [env LORAD_TOKEN].")(fn)
+    fn = click.option("--target", default=None, help=f"Server address HOST:PORT [default: {DEFAULT_TARGET}].")(fn)
+    return fn
+
+
+def _client(ctx: click.Context, target, token, tls_ca, timeout: float = 60) -> Client:
+    """Options given to the subcommand win over those given to `lorad adapters` itself."""
+    outer = (ctx.parent.params if ctx.parent is not None and ctx.parent.command is adapters else {}) or {}
+    return Client(target or outer.get("target") or DEFAULT_TARGET, timeout=timeout,
+                  token=token or outer.get("token"), tls_ca=tls_ca or outer.get("tls_ca"))
+
+
+def _when(seconds: float) -> str:
+    if not seconds:
+        return "-"
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(seconds).strftime("%H:%M:%S")
+
+
+def _print_listing(listing, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({**listing.__dict__, "adapters": [a.__dict__ for a in listing.adapters]}))
         return
     click.echo(f"base {listing.base_model}: {listing.max_loras} device slots, rank <= {listing.max_lora_rank}")
     if not listing.adapters:
-        click.echo("no adapters (start the server with --adapters DIR)")
+        click.echo("no adapters (start the server with --adapters DIR, or upload one: lorad adapters upload)")
         return
-    click.echo(f"{'ID':30} {'RANK':>4} {'WHERE':6} {'SIZE':>10}  TARGETS")
+    click.echo(f"{'ID':28} {'RANK':>4} {'WHERE':6} {'PIN':3} {'RUN':>3} {'SIZE':>10} {'VERSION':15} {'BASE':7} TARGETS")
     for a in listing.adapters:
         if a.error:
-            click.echo(f"{a.id:30} {'-':>4} {'-':6} {'-':>10}  INVALID: {a.error}")
+            click.echo(f"{a.id:28} {'-':>4} {'-':6} {'-':3} {'-':>3} {'-':>10} {a.digest[7:19] or '-':15} "
+                       f"{a.base_match:7} INVALID: {a.error}")
         else:
-            click.echo(f"{a.id:30} {a.rank:>4} {a.location:6} {a.size_bytes:>10}  {','.join(a.target_modules)}")
+            click.echo(f"{a.id:28} {a.rank:>4} {a.location:6} {'yes' if a.pinned else '':3} {a.requests_running:>3} "
+                       f"{a.size_bytes:>10} {a.digest[7:19] or '-':15} {a.base_match:7} {','.join(a.target_modules)}")
+
+
+def _print_info(a, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(a.__dict__))
+        return
+    rows = [("id", a.id), ("version", a.digest or "-"), ("location", a.location), ("pinned", a.pinned),
+            ("rank", a.rank), ("lora_alpha", a.lora_alpha), ("targets", ",".join(a.target_modules)),
+            ("size", f"{a.size_bytes} bytes"), ("requests running", a.requests_running),
+            ("last used", _when(a.last_used_unix_seconds)),
+            ("trained for", f"{a.trained_for_base or '-'} (matches the served base: {a.base_match})"),
+            ("same content as", ", ".join(a.same_content_as) or "-"),
+            ("old versions resident", a.old_versions_resident)]
+    if a.error:
+        rows.append(("error", a.error))
+    for key, value in rows:
+        click.echo(f"{key + ':':22} {value}")
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@_connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table (with no subcommand).")
+@click.pass_context
+def adapters(ctx, target, token, tls_ca, as_json):
+    """List and manage the adapters of a running server (no subcommand = list).
+
+    \b
+    Examples:
+      lorad adapters list
+      lorad adapters upload ./out/my-adapter --id support-en
+      lorad adapters upload ./out/my-adapter-v2 --id support-en --replace
+      lorad adapters load support-en --pin
+      lorad adapters show support-en
+      lorad adapters unload support-en
+      lorad adapters delete support-en
+    Management needs the server's admin token (--token or LORAD_TOKEN) unless the server
+    listens on loopback only.
+    """
+    if ctx.invoked_subcommand is None:
+        with _client(ctx, target, token, tls_ca) as client:
+            try:
+                listing = client.list_adapters()
+            except LoradRPCError as err:
+                _fail(err)
+        _print_listing(listing, as_json)
+
+
+@adapters.command("list")
+@_connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def list_cmd(ctx, target, token, tls_ca, as_json):
+    """Every adapter: rank, where it is, pinned, requests running, version, base match."""
+    with _client(ctx, target, token, tls_ca) as client:
+        try:
+            listing = client.list_adapters()
+        except LoradRPCError as err:
+            _fail(err)
+    _print_listing(listing, as_json)
+
+
+@adapters.command("show")
+@click.argument("adapter_id")
+@_connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def show_cmd(ctx, adapter_id, target, token, tls_ca, as_json):
+    """Everything the server knows about one adapter."""
+    with _client(ctx, target, token, tls_ca) as client:
+        try:
+            info = client.get_adapter(adapter_id)
+        except LoradRPCError as err:
+            _fail(err)
+    _print_info(info, as_json)
+
+
+@adapters.command("load")
+@click.argument("adapter_id")
+@_connection_options
+@click.option("--pin", is_flag=True, help="Keep it in a device slot until unpinned or unloaded.")
+@click.pass_context
+def load_cmd(ctx, adapter_id, target, token, tls_ca, pin):
+    """Load an adapter into host memory and a device slot now."""
+    with _client(ctx, target, token, tls_ca, timeout=300) as client:
+        try:
+            r = client.load_adapter(adapter_id, pin=pin)
+        except LoradRPCError as err:
+            _fail(err)
+    click.echo(f"{adapter_id}: {r.adapter.location}{', pinned' if r.adapter.pinned else ''} "
+               f"(disk->host {r.host_load_seconds * 1000:.1f} ms, host->device {r.device_load_seconds * 1000:.1f} ms), "
+               f"version {r.adapter.digest}")
+
+
+@adapters.command("unpin")
+@click.argument("adapter_id")
+@_connection_options
+@click.pass_context
+def unpin_cmd(ctx, adapter_id, target, token, tls_ca):
+    """Let an adapter be evicted again when its slot is needed."""
+    with _client(ctx, target, token, tls_ca) as client:
+        try:
+            info = client.unpin_adapter(adapter_id)
+        except LoradRPCError as err:
+            _fail(err)
+    click.echo(f"{adapter_id}: unpinned ({info.location})")
+
+
+@adapters.command("unload")
+@click.argument("adapter_id")
+@_connection_options
+@click.pass_context
+def unload_cmd(ctx, adapter_id, target, token, tls_ca):
+    """Free an adapter's memory once its running requests finish (its files stay)."""
+    with _client(ctx, target, token, tls_ca, timeout=300) as client:
+        try:
+            r = client.unload_adapter(adapter_id)
+        except LoradRPCError as err:
+            _fail(err)
+    click.echo(f"{adapter_id}: unloaded in {r.seconds * 1000:.1f} ms after {r.requests_drained} running requests; "
+               f"freed {r.freed_host_bytes} host bytes{' and a device slot' if r.freed_slot else ''}")
+
+
+@adapters.command("delete")
+@click.argument("adapter_id")
+@_connection_options
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def delete_cmd(ctx, adapter_id, target, token, tls_ca, yes):
+    """Stop serving an adapter and remove its folder from the server."""
+    if not yes:
+        click.confirm(f"Delete adapter {adapter_id!r} and its files on the server?", abort=True)
+    with _client(ctx, target, token, tls_ca, timeout=300) as client:
+        try:
+            r = client.delete_adapter(adapter_id)
+        except LoradRPCError as err:
+            _fail(err)
+    click.echo(f"{adapter_id}: deleted (version {r.digest}, after {r.requests_drained} running requests)")
+
+
+@adapters.command("upload")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--id", "adapter_id", required=True, help="The id to serve it under.")
+@click.option("--replace", is_flag=True, help="Replace an existing adapter with this id (running requests finish "
+                                                 "on the old version).")
+@_connection_options
+@click.pass_context
+def upload_cmd(ctx, folder, adapter_id, replace, target, token, tls_ca):
+    """Upload a PEFT adapter FOLDER (adapter_config.json + adapter_model.safetensors)."""
+    with _client(ctx, target, token, tls_ca, timeout=1800) as client:
+        try:
+            r = client.upload_adapter(folder, adapter_id, replace=replace)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="FOLDER") from None
+        except LoradRPCError as err:
+            _fail(err)
+    what = f"replaced version {r.previous_digest}" if r.replaced else "new"
+    click.echo(f"{adapter_id}: uploaded {r.bytes_received} bytes ({what}); serving version {r.adapter.digest}")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
 
 import grpc
 
@@ -19,6 +22,14 @@ LOCATION_NAMES = {
     lorad_pb2.ADAPTER_LOCATION_HOST: "host",
     lorad_pb2.ADAPTER_LOCATION_DEVICE: "device",
 }
+BASE_MATCH_NAMES = {
+    lorad_pb2.BASE_MATCH_UNKNOWN: "unknown",
+    lorad_pb2.BASE_MATCH_YES: "yes",
+    lorad_pb2.BASE_MATCH_NO: "no",
+}
+# What an upload sends from an adapter folder (the weights are required, the provenance optional).
+UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors", "lorad_provenance.json")
+UPLOAD_CHUNK_BYTES = 1 << 20  # well under gRPC's 4 MiB message limit
 
 
 class LoradRPCError(Exception):
@@ -42,6 +53,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     token_logprobs: list[float] = field(default_factory=list)  # when asked for with logprobs=True
+    adapter_version: str = ""  # digest of the adapter version that answered; "" for the base
 
     @classmethod
     def from_proto(cls, msg: lorad_pb2.GenerateResponse) -> "Completion":
@@ -52,6 +64,7 @@ class Completion:
             prompt_tokens=msg.prompt_tokens,
             completion_tokens=msg.completion_tokens,
             token_logprobs=list(msg.token_logprobs),
+            adapter_version=msg.adapter_version,
         )
 
 
@@ -73,6 +86,21 @@ class AdapterInfo:
     location: str  # disk | host | device
     lora_alpha: float
     error: str = ""
+    digest: str = ""  # "sha256:..." of the current version's files
+    pinned: bool = False
+    requests_running: int = 0
+    last_used_unix_seconds: float = 0.0  # 0 = not used since the server started
+    trained_for_base: str = ""
+    base_match: str = "unknown"  # yes | no | unknown
+    same_content_as: list[str] = field(default_factory=list)
+    old_versions_resident: int = 0
+
+    @classmethod
+    def from_proto(cls, a: lorad_pb2.AdapterInfo) -> "AdapterInfo":
+        return cls(a.id, a.rank, list(a.target_modules), a.size_bytes, LOCATION_NAMES.get(a.location, "unknown"),
+                   a.lora_alpha, a.error, a.digest, a.pinned, a.requests_running, a.last_used_unix_seconds,
+                   a.trained_for_base, BASE_MATCH_NAMES.get(a.base_match, "unknown"), list(a.same_content_as),
+                   a.old_versions_resident)
 
 
 @dataclass
@@ -81,19 +109,98 @@ class AdapterList:
     base_model: str = ""
     max_loras: int = 0
     max_lora_rank: int = 0
+    max_pinned: int = 0
 
     @classmethod
     def from_proto(cls, msg: lorad_pb2.ListAdaptersResponse) -> "AdapterList":
         return cls(
-            adapters=[
-                AdapterInfo(a.id, a.rank, list(a.target_modules), a.size_bytes,
-                            LOCATION_NAMES.get(a.location, "unknown"), a.lora_alpha, a.error)
-                for a in msg.adapters
-            ],
+            adapters=[AdapterInfo.from_proto(a) for a in msg.adapters],
             base_model=msg.base_model,
             max_loras=msg.max_loras,
             max_lora_rank=msg.max_lora_rank,
+            max_pinned=msg.max_pinned,
         )
+
+
+@dataclass
+class LoadResult:
+    adapter: AdapterInfo
+    host_load_seconds: float  # disk -> host memory (0 if it was there already)
+    device_load_seconds: float  # host -> device slot (0 if it was there already)
+
+
+@dataclass
+class UnloadResult:
+    adapter: AdapterInfo
+    requests_drained: int
+    seconds: float
+    freed_host_bytes: int
+    freed_slot: bool
+
+
+@dataclass
+class DeleteResult:
+    id: str
+    digest: str
+    requests_drained: int
+    seconds: float
+
+
+@dataclass
+class UploadResult:
+    adapter: AdapterInfo
+    replaced: bool
+    previous_digest: str
+    bytes_received: int
+
+
+def upload_messages(folder: str | Path, adapter_id: str, replace: bool = False,
+                    chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> Iterator[lorad_pb2.UploadAdapterRequest]:
+    """The UploadAdapter stream for an adapter folder: the header, then each file in chunks.
+    A folder without the two required files raises ValueError here, before anything is sent."""
+    folder = Path(folder)
+    if not (folder / "adapter_model.safetensors").is_file():
+        pickled = [n for n in ("adapter_model.bin", "adapter_model.pt") if (folder / n).is_file()]
+        hint = (f" (it has {pickled[0]}: re-save it with PEFT's save_pretrained, which writes safetensors)"
+                if pickled else "")
+        raise ValueError(f"{folder} has no adapter_model.safetensors{hint}")
+    if not (folder / "adapter_config.json").is_file():
+        raise ValueError(f"{folder} has no adapter_config.json")
+    return _upload_stream(folder, adapter_id, replace, chunk_bytes)
+
+
+def _upload_stream(folder: Path, adapter_id: str, replace: bool, chunk_bytes: int):
+    yield lorad_pb2.UploadAdapterRequest(header=lorad_pb2.UploadHeader(id=adapter_id, replace=replace))
+    for name in UPLOAD_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        with open(path, "rb") as f:
+            while True:
+                data = f.read(chunk_bytes)
+                yield lorad_pb2.UploadAdapterRequest(chunk=lorad_pb2.FileChunk(name=name, data=data))
+                if len(data) < chunk_bytes:
+                    break
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def channel_credentials(tls_ca: str | None, client_cert: str | None = None,
+                        client_key: str | None = None) -> grpc.ChannelCredentials:
+    """TLS credentials: tls_ca verifies the server (None = the system's roots); client_cert and
+    client_key are for servers that require client certificates (mTLS)."""
+    def read(path):
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(root_certificates=read(tls_ca), private_key=read(client_key),
+                                        certificate_chain=read(client_cert))
+
+
+def resolve_token(token: str | None) -> str | None:
+    """An explicit token, else $LORAD_TOKEN, else none."""
+    return token if token is not None else (os.environ.get("LORAD_TOKEN") or None)
 
 
 def build_request(

@@ -19,7 +19,9 @@ not regular files refused. Error messages name the adapter id and the file name,
 server path.
 
 Scaling follows PEFT: lora_alpha / r, or lora_alpha / sqrt(r) with `use_rslora`, with
-per-module `rank_pattern` / `alpha_pattern` overrides.
+per-module `rank_pattern` / `alpha_pattern` overrides. DoRA adapters (`use_dora`) carry a
+magnitude vector per module, which the server turns into a per-output-row scale (see
+lorad.server.lora_slots).
 """
 
 from __future__ import annotations
@@ -44,8 +46,13 @@ ADAPTER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (PEFT's saved names)
 _TENSOR_NAME = re.compile(
-    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
+    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\."
+    r"(?:lora_([AB])(?:\.[\w-]+)?\.weight|lora_(m)agnitude_vector(?:\.[\w-]+)?(?:\.weight)?)$"
 )
+
+
+def _half(m: re.Match) -> str:
+    return m.group(3) or "M"  # "A", "B" or "M" (a DoRA magnitude vector)
 
 # Limits on what is read before anything is parsed. PEFT writes a config of about 1 KB (a
 # per-module rank_pattern of an 80-layer base: about 40 KB) and a header of about 130 bytes per
@@ -92,6 +99,7 @@ class AdapterSpec:
     modules: dict[tuple[int, str], ModuleSpec]
     size_bytes: int
     config: "AdapterConfig" = field(repr=False)
+    use_dora: bool = False  # every module has a magnitude vector (LoadedAdapter.magnitudes)
 
 
 @dataclass
@@ -100,7 +108,10 @@ class LoadedAdapter:
     # (layer, proj) -> (A [r, in], B [out, r]) as PEFT stores them, in the file's dtype, on the host
     weights: dict[tuple[int, str], tuple["object", "object"]] = field(repr=False)
     load_seconds: float = 0.0
-    stamp: tuple = ()  # adapter_stamp() of the files this copy was read from
+    stamp: tuple = ()  # adapter_stamp() of the files this copy was read from (all of its version's)
+    digest: str = ""  # content digest of those files (lorad.server.adapter_publish), its version
+    # DoRA: (layer, proj) -> magnitude [out]; empty for plain LoRA
+    magnitudes: dict[tuple[int, str], "object"] = field(default_factory=dict, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -110,12 +121,13 @@ class LoadedAdapter:
 # --- files --------------------------------------------------------------------------------------
 
 
-def adapter_stamp(path: Path) -> tuple:
-    """Identity of an adapter folder's files as they are now (inode, size, times of the config
-    and the weights, links followed): a replace, a touch or a rewrite changes it (a rewrite in
-    place of the same size only once the filesystem's timestamp has ticked)."""
+def adapter_stamp(path: Path, names: tuple[str, ...] = (CONFIG_FILE, WEIGHTS_FILE)) -> tuple:
+    """Identity of an adapter folder's files as they are now (inode, size, times of each of
+    `names`, links followed; an absent file is None): a replace, a touch or a rewrite changes it
+    (a rewrite in place of the same size only once the filesystem's timestamp has ticked).
+    Reading it costs one stat per file."""
     out = []
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
+    for name in names:
         try:
             st = os.stat(Path(path) / name)
         except OSError:
@@ -244,6 +256,7 @@ class AdapterConfig:
     r: int
     lora_alpha: float
     use_rslora: bool
+    use_dora: bool
     rank_pattern: PatternTable
     alpha_pattern: PatternTable
 
@@ -266,9 +279,9 @@ class AdapterConfig:
             if value is not None and not isinstance(value, bool):
                 raise bad(key, "must be true or false")
             flags[key] = bool(value)
-        for key, what in (("use_dora", "DoRA adapters"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D) adapters")):
-            if flags[key]:
-                raise InvalidAdapterError(f"adapter {adapter_id!r}: {what} are not supported yet ({key}=true)")
+        if flags["fan_in_fan_out"]:
+            raise InvalidAdapterError(
+                f"adapter {adapter_id!r}: fan_in_fan_out (Conv1D) adapters are not supported yet (fan_in_fan_out=true)")
         bias = raw.get("bias", "none")
         if bias is not None and not isinstance(bias, str):
             raise bad("bias", "must be a string")
@@ -297,6 +310,7 @@ class AdapterConfig:
             r=int(r),
             lora_alpha=float(alpha),
             use_rslora=flags["use_rslora"],
+            use_dora=flags["use_dora"],
             rank_pattern=_pattern_table(raw, "rank_pattern", _is_rank, f"positive whole numbers up to {MAX_RANK}",
                                         adapter_id),
             alpha_pattern=_pattern_table(raw, "alpha_pattern", _is_positive_number, "positive, finite numbers",
@@ -444,7 +458,7 @@ def _build_spec(path: Path, adapter_id: str, config: AdapterConfig, entries: dic
                 f"adapter {adapter_id!r}: tensor {shorten(name)} does not map to a LoRA A/B matrix of a Llama "
                 f"projection ({', '.join(PROJECTIONS)})"
             )
-        layer, proj, half = int(m.group(1)), m.group(2), m.group(3)
+        layer, proj, half = int(m.group(1)), m.group(2), _half(m)
         if proj not in PROJECTIONS:
             raise InvalidAdapterError(
                 f"adapter {adapter_id!r}: tensor {shorten(name)} targets {shorten(proj)}, not one of {', '.join(PROJECTIONS)}")
@@ -454,7 +468,8 @@ def _build_spec(path: Path, adapter_id: str, config: AdapterConfig, entries: dic
                 f"{geometry.num_layers} layers"
             )
         if half in halves.setdefault((layer, proj), {}):
-            raise InvalidAdapterError(f"adapter {adapter_id!r}: layers.{layer}.{proj} has two lora_{half} tensors")
+            what = "lora_magnitude_vector" if half == "M" else f"lora_{half}"
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: layers.{layer}.{proj} has two {what} tensors")
         halves[(layer, proj)][half] = entry.shape
 
     if not halves:
@@ -462,10 +477,20 @@ def _build_spec(path: Path, adapter_id: str, config: AdapterConfig, entries: dic
     modules: dict[tuple[int, str], ModuleSpec] = {}
     for (layer, proj), pair in sorted(halves.items()):
         where = f"layers.{layer}.{proj}"
+        magnitude = pair.pop("M", None)
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
             raise InvalidAdapterError(f"adapter {adapter_id!r}: {where} has no {missing} tensor")
         in_f, out_f = geometry.projection_shape(proj)
+        if config.use_dora and magnitude is None:
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: DoRA (use_dora=true) needs a lora_magnitude_vector for "
+                                      f"{where}; the file has none")
+        if not config.use_dora and magnitude is not None:
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: {where} has a DoRA magnitude vector but "
+                                      f"{CONFIG_FILE} does not set use_dora")
+        if magnitude is not None and tuple(magnitude) != (out_f,):
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: {where} has a magnitude vector of shape "
+                                      f"{list(magnitude)}; the base needs [{out_f}]")
         a_shape, b_shape = pair["A"], pair["B"]
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != in_f or b_shape[0] != out_f or a_shape[0] != b_shape[1]:
             raise InvalidAdapterError(
@@ -500,6 +525,7 @@ def _build_spec(path: Path, adapter_id: str, config: AdapterConfig, entries: dic
         modules=modules,
         size_bytes=size,
         config=config,
+        use_dora=config.use_dora,
     )
 
 
@@ -538,11 +564,16 @@ def load_adapter(path: Path, adapter_id: str, geometry: ModelGeometry, max_rank:
         spec = _build_spec(path, adapter_id, config, entries, size, geometry, max_rank)
         tensors = _read_tensors(f, entries, data_start, size, adapter_id)
     weights: dict[tuple[int, str], list] = {}
+    magnitudes = {}
     for name, tensor in tensors.items():
         m = _TENSOR_NAME.match(name)
         assert m is not None, name  # _build_spec accepted every name
-        weights.setdefault((int(m.group(1)), m.group(2)), [None, None])["AB".index(m.group(3))] = tensor
-    return LoadedAdapter(spec=spec, weights={key: (a, b) for key, (a, b) in weights.items()})
+        key, half = (int(m.group(1)), m.group(2)), _half(m)
+        if half == "M":
+            magnitudes[key] = tensor  # [out]
+        else:
+            weights.setdefault(key, [None, None])["AB".index(half)] = tensor
+    return LoadedAdapter(spec=spec, weights={key: (a, b) for key, (a, b) in weights.items()}, magnitudes=magnitudes)
 
 
 def _read_tensors(f, entries: dict[str, TensorEntry], data_start: int, size: int, adapter_id: str) -> dict:

@@ -231,7 +231,9 @@ def check_architecture(config) -> None:
         )
 
 
-def quantization_config(quant: str, compute_dtype):
+def quantization_config(quant: str, compute_dtype, quant_storage=None):
+    """quant_storage: the dtype bitsandbytes packs NF4 weights into (uint8 by default); FSDP
+    needs the model's own float dtype there, to shard NF4 weights with the rest."""
     if quant == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -241,6 +243,7 @@ def quantization_config(quant: str, compute_dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
     )
 
 
@@ -259,12 +262,13 @@ def load_base(
     for_training: bool = False,
     compute_dtype=None,
     cache_quantized: bool = False,
+    quant_storage=None,
 ) -> LoadedBase:
     """Load tokenizer and model; the model is in eval mode unless for_training.
 
     compute_dtype: overrides default_compute_dtype (the trainer passes bfloat16 for bf16 runs).
     cache_quantized: keep the NF4-quantized weights in the lorad cache (quantized_cache_dir) and
-        load them from there next time. On CPU bitsandbytes quantizes with plain torch ops
+        load them from there next time (not with quant_storage, see quantization_config). On CPU bitsandbytes quantizes with plain torch ops
         (~10-20 s for SmolLM2-135M on 2 cores); the cached copy loads in under a second and is
         bit-identical (same packed weights, same quantization state).
     """
@@ -284,7 +288,8 @@ def load_base(
         raise BaseModelError(f"cannot read the config of base {resolved.display_name!r}: {exc}{hint}") from exc
     check_architecture(hf_config)
     kwargs: dict = {"dtype": compute_dtype}
-    qcfg = quantization_config(resolved.quant, compute_dtype)
+    qcfg = quantization_config(resolved.quant, compute_dtype, quant_storage)
+    cache_quantized = cache_quantized and quant_storage is None  # the cache holds the default (uint8) packing
     location = resolved.location
     cached = None
     if qcfg is not None:

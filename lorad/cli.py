@@ -11,7 +11,7 @@ import click
 SUBCOMMANDS = {
     "serve": ("lorad.server.cli", "serve", "Serve one base and many LoRA adapters over gRPC."),
     "generate": ("lorad.clients.cli", "generate", "Send one prompt to a running server."),
-    "adapters": ("lorad.clients.cli", "adapters", "List the adapters a running server knows."),
+    "adapters": ("lorad.clients.cli", "adapters", "List, upload, load, pin, unload and delete adapters on a running server."),
     "train": ("lorad.trainer.cli", "train", "QLoRA-train an adapter from an axolotl-style YAML."),
     "combine": ("lorad.deltas_cli", "combine", "Combine adapters into one (linear, svd, cat, ties, dare, ...)."),
     "merge": ("lorad.deltas_cli", "merge", "Merge adapters into the base: a verified transformers folder."),

@@ -33,6 +33,7 @@ from lorad.haproxy import (POLICIES, BalancerConfig, HAProxyProcess, Replica, di
 
 _GRPC_PORT = re.compile(r"gRPC listening on \S+:(\d+)")
 _METRICS_PORT = re.compile(r"Prometheus metrics on http://\S+:(\d+)/metrics")
+_HTTP_PORT = re.compile(r"HTTP API on https?://\S+:(\d+)/v1")
 
 
 @dataclass
@@ -53,12 +54,15 @@ class ClusterConfig:
     workdir: str | None = None  # logs and haproxy.cfg; None = a new temporary folder
     stats_port: int | None = None  # HAProxy's stats page and Prometheus exporter
     serve_args: tuple[str, ...] = ()  # more `lorad serve` options for every replica
+    http_port: int | None = None  # the balancer's OpenAI-API port (replicas serve --http-port); None = off
 
     def __post_init__(self) -> None:
         if not 1 <= self.replicas <= 64:
             raise ConfigError(f"replicas: {self.replicas} is outside 1-64")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port: {self.port} is outside 0-65535")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"http_port: {self.http_port} is outside 0-65535")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("threads: must be at least 1")
         if self.adapters_dir is not None and not os.path.isdir(self.adapters_dir):
@@ -85,6 +89,7 @@ class ReplicaProcess:
         self.proc: subprocess.Popen | None = None
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None  # its OpenAI API, when started with --http-port
 
     def start(self) -> "ReplicaProcess":
         with open(self.log_path, "ab") as log:
@@ -98,8 +103,10 @@ class ReplicaProcess:
         while time.monotonic() < deadline:
             text = self.log_path.read_text(errors="replace")
             grpc_m, metrics_m = _GRPC_PORT.search(text), _METRICS_PORT.search(text)
-            if grpc_m and metrics_m:
+            if grpc_m and metrics_m:  # the HTTP API binds between the two
                 self.grpc_port, self.metrics_port = int(grpc_m.group(1)), int(metrics_m.group(1))
+                http_m = _HTTP_PORT.search(text)
+                self.http_port = int(http_m.group(1)) if http_m else None
                 return
             if self.proc.poll() is not None:
                 break
@@ -147,6 +154,7 @@ class LocalCluster:
         self.workdir = Path(config.workdir or tempfile.mkdtemp(prefix="lorad-cluster-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = config.port or free_port(config.host)
+        self.http_port = None if config.http_port is None else (config.http_port or free_port(config.host))
         self.replicas: list[ReplicaProcess] = []
         self.balancer: HAProxyProcess | None = None
 
@@ -160,6 +168,8 @@ class LocalCluster:
         argv = [lorad, "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
                 "--kv-cache-memory", cfg.kv_cache_memory, "--max-seq-len", str(cfg.max_seq_len),
                 "--drain-seconds", str(cfg.drain_seconds), "--metrics-adapter-ids"]
+        if cfg.http_port is not None:
+            argv += ["--http-port", "0"]
         if cfg.adapters_dir:
             argv += ["--adapters", cfg.adapters_dir]
         if cfg.base:
@@ -185,8 +195,10 @@ class LocalCluster:
             balancer = BalancerConfig(
                 bind=f"{cfg.host}:{self.port}", policy=cfg.policy, balance_factor=cfg.balance_factor,
                 runtime_socket=str(self.runtime_socket),
-                stats_bind=f"127.0.0.1:{cfg.stats_port}" if cfg.stats_port else None)
-            servers = [Replica(r.name, f"127.0.0.1:{r.grpc_port}", r.metrics_port, id=i + 1)
+                stats_bind=f"127.0.0.1:{cfg.stats_port}" if cfg.stats_port else None,
+                http_bind=f"{cfg.host}:{self.http_port}" if self.http_port else None)
+            servers = [Replica(r.name, f"127.0.0.1:{r.grpc_port}", r.metrics_port, id=i + 1,
+                               http_address=f"127.0.0.1:{r.http_port}" if r.http_port else "")
                        for i, r in enumerate(self.replicas)]
             self.balancer = HAProxyProcess(render(balancer, servers), self.workdir)
             self.balancer.start(cfg.host, self.port)
@@ -215,6 +227,9 @@ class LocalCluster:
             raise LoradError(f"replicas {', '.join(r.name for r in pending)} not ready after {timeout:.0f} s "
                              f"(logs in {self.workdir})")
         wait_servers(self.runtime_socket, [r.name for r in self.replicas], max(10.0, deadline - time.monotonic()))
+        if self.http_port:
+            wait_servers(self.runtime_socket, [r.name for r in self.replicas], max(10.0, deadline - time.monotonic()),
+                         backend="lorad_http")
 
     def stop(self, timeout: float = 60.0) -> None:
         """Drain every replica (SIGTERM: finish in-flight requests), then stop HAProxy."""
@@ -263,9 +278,12 @@ def cluster() -> None:
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Folder for replica logs and haproxy.cfg [default: a new temporary folder].")
 @click.option("--stats-port", type=int, default=None, help="Serve HAProxy's stats page (and /metrics) here.")
+@click.option("--http-port", type=int, default=None,
+              help="Also balance the replicas' OpenAI-compatible HTTP API on this port (0 = any free port), "
+                   "with the same affinity, keyed on x-lorad-adapter or the body's \"model\" [default: off].")
 @click.argument("serve_args", nargs=-1, type=click.UNPROCESSED)
 def up(replicas, host, port, policy, balance_factor, adapters_dir, base, kv_cache_memory, max_seq_len, threads,
-       drain_seconds, workdir, stats_port, serve_args):
+       drain_seconds, workdir, stats_port, http_port, serve_args):
     """Start REPLICAS `lorad serve` processes on loopback and HAProxy in front; Ctrl-C stops them.
 
     Options after `--` go to every `lorad serve` (e.g. `-- --max-loras 4`).
@@ -280,7 +298,7 @@ def up(replicas, host, port, policy, balance_factor, adapters_dir, base, kv_cach
                                balance_factor=balance_factor, adapters_dir=adapters_dir, base=base,
                                kv_cache_memory=kv_cache_memory, max_seq_len=max_seq_len, threads=threads,
                                drain_seconds=drain_seconds, workdir=workdir, stats_port=stats_port,
-                               serve_args=tuple(serve_args))
+                               serve_args=tuple(serve_args), http_port=http_port)
         local = LocalCluster(config)
         stopping = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -311,6 +329,8 @@ def _print_cluster(local: LocalCluster) -> None:
            else "round-robin")
     click.echo(f"lorad cluster: {cfg.replicas} replicas behind HAProxy ({how})")
     click.echo(f"  address   {local.target}    e.g. lorad generate --target {local.target} --adapter ID \"Hi\"")
+    if local.http_port:
+        click.echo(f"  openai    http://{cfg.host}:{local.http_port}/v1    (model = an adapter id or the base)")
     for r in local.replicas:
         click.echo(f"  {r.name:<9} grpc 127.0.0.1:{r.grpc_port}  metrics http://127.0.0.1:{r.metrics_port}/metrics")
     if cfg.stats_port:
@@ -321,16 +341,18 @@ def _print_cluster(local: LocalCluster) -> None:
 
 
 @cluster.command("config")
-@click.option("--server", "servers", multiple=True, metavar="HOST:GRPC_PORT:METRICS_PORT",
-              help="A replica (repeat for each); ids follow the order given, keep it stable.")
+@click.option("--server", "servers", multiple=True, metavar="HOST:GRPC_PORT:METRICS_PORT[:HTTP_PORT]",
+              help="A replica (repeat for each); ids follow the order given, keep it stable. HTTP_PORT: its "
+                   "--http-port, needed with --http-bind.")
 @click.option("--bind", default="127.0.0.1:50050", show_default=True, help="Where HAProxy listens for gRPC.")
 @click.option("--policy", type=click.Choice(POLICIES), default=_C["policy"].default, show_default=True)
 @click.option("--balance-factor", type=int, default=_C["balance_factor"].default, show_default=True)
 @click.option("--stats-bind", default=None, help="HAProxy stats page and /metrics, e.g. 127.0.0.1:8404.")
+@click.option("--http-bind", default=None, help="Also balance the OpenAI HTTP API here, e.g. 127.0.0.1:8000.")
 @click.option("--kubernetes", "kube_replicas", type=click.IntRange(1, 64), default=None, metavar="MAX_REPLICAS",
               help="Print the config of deploy/kubernetes/haproxy.yaml instead: StatefulSet pods lorad-0 .. "
                    "lorad-<MAX_REPLICAS - 1> by DNS name.")
-def config(servers, bind, policy, balance_factor, stats_bind, kube_replicas):
+def config(servers, bind, policy, balance_factor, stats_bind, http_bind, kube_replicas):
     """Print an HAProxy configuration for lorad replicas running elsewhere."""
     from lorad.haproxy import kubernetes_config
 
@@ -341,14 +363,15 @@ def config(servers, bind, policy, balance_factor, stats_bind, kube_replicas):
         raise click.UsageError("give --server HOST:GRPC_PORT:METRICS_PORT for each replica, or --kubernetes N")
     replicas = []
     for i, spec in enumerate(servers):
-        host, _, ports = spec.rpartition(":")
-        host, _, grpc_port = host.rpartition(":")
-        if not (host and grpc_port.isdigit() and ports.isdigit()):
-            raise click.BadParameter(f"{spec!r} is not HOST:GRPC_PORT:METRICS_PORT", param_hint="--server")
-        replicas.append(Replica(f"r{i}", f"{host}:{grpc_port}", int(ports), id=i + 1))
+        m = re.fullmatch(r"(.+?):(\d+):(\d+)(?::(\d+))?", spec)
+        if m is None:
+            raise click.BadParameter(f"{spec!r} is not HOST:GRPC_PORT:METRICS_PORT[:HTTP_PORT]", param_hint="--server")
+        host, grpc_port, metrics_port, http_port = m.groups()
+        replicas.append(Replica(f"r{i}", f"{host}:{grpc_port}", int(metrics_port), id=i + 1,
+                                http_address=f"{host}:{http_port}" if http_port else ""))
     try:
         click.echo(render(BalancerConfig(bind=bind, policy=policy, balance_factor=balance_factor,
-                                         stats_bind=stats_bind), replicas), nl=False)
+                                         stats_bind=stats_bind, http_bind=http_bind), replicas), nl=False)
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -43,3 +43,23 @@ class DeadlineExceededError(LoradError):
 
 class EngineStoppedError(LoradError):
     """The engine is shutting down or has stopped."""
+
+
+class AdapterExistsError(LoradError):
+    """An upload names an adapter id that already exists and did not ask to replace it."""
+
+
+class LimitExceededError(LoradError):
+    """A server limit was reached (too many pins, an upload too large, too many uploads at once)."""
+
+
+class IntegrityError(LoradError):
+    """Received files do not match the digest the sender announced."""
+
+
+class UnauthenticatedError(LoradError):
+    """A call carries no credential, or one the server does not accept."""
+
+
+class PermissionDeniedError(LoradError):
+    """The caller is known but may not do this (or the feature is disabled on this server)."""

@@ -34,7 +34,7 @@ _BALANCE = {
         "    # one adapter -> one replica while it is up; a replica above {factor}% of the mean\n"
         "    # concurrent requests hands new ones to the next replica on the ring (bounded load).\n"
         "    # Requests without the header (the base alone) go round-robin.\n"
-        f"    balance hdr({ROUTING_HEADER})\n"
+        "    balance hdr({header})\n"
         "    hash-type consistent\n"
         "    hash-balance-factor {factor}"
     ),
@@ -43,6 +43,31 @@ _BALANCE = {
         "    balance roundrobin"
     ),
 }
+
+# The OpenAI-compatible HTTP API of the replicas (lorad serve --http-port), when they serve it.
+# Its routing key is the client's x-lorad-adapter header, or else the JSON body's "model" field
+# (HAProxy reads bodies up to tune.bufsize, 16 KiB; a longer one has no key and goes round-robin).
+HTTP_ROUTE_HEADER = "x-lorad-route"
+_HTTP = """
+frontend lorad_http
+    # the replicas' OpenAI-compatible API (lorad serve --http-port): adapter affinity as for
+    # gRPC, keyed on the x-lorad-adapter header, or else on the JSON body's "model" field
+    bind {bind}
+    option http-buffer-request
+    http-request set-var(txn.route) req.hdr({routing_header})
+    http-request set-var(txn.route) req.body,json_query('$.model') unless {{ var(txn.route) -m found }}
+    http-request set-header {route_header} %[var(txn.route)] if {{ var(txn.route) -m found }}
+    default_backend lorad_http
+
+backend lorad_http
+{balance}
+    # the same readiness check as the gRPC backend
+    option httpchk
+    http-check send meth GET uri /ready ver HTTP/1.1 hdr Host lorad
+    http-check expect status 200
+    default-server check inter {inter} fall {fall} rise {rise} weight 100
+{servers}
+"""
 
 _STATS = """
 frontend stats
@@ -65,10 +90,11 @@ class Replica:
     probe_port: int  # the replica's metrics port, which serves /ready
     id: int  # stable server id: consistent hashing places servers on the ring by id
     options: str = ""  # more server-line options, e.g. "resolvers kube init-addr none"
+    http_address: str = ""  # host:port of its HTTP API (--http-port); "" = none
 
-    def line(self) -> str:
+    def line(self, address: str | None = None) -> str:
         extra = f" {self.options}" if self.options else ""
-        return f"    server {self.name} {self.address} id {self.id} port {self.probe_port}{extra}"
+        return f"    server {self.name} {address or self.address} id {self.id} port {self.probe_port}{extra}"
 
 
 @dataclass
@@ -83,6 +109,7 @@ class BalancerConfig:
     rise: int = 2  # passed checks before it is put back
     runtime_socket: str = "/tmp/lorad-haproxy.sock"
     stats_bind: str | None = None  # HAProxy's own stats page and Prometheus exporter
+    http_bind: str | None = None  # the HTTP API's frontend (replicas need an http_address)
     resolvers: str = ""  # a resolvers section, for replicas named by DNS (Kubernetes)
 
     def __post_init__(self) -> None:
@@ -102,6 +129,8 @@ def render(config: BalancerConfig, replicas: list[Replica], template: str | Path
         raise ConfigError("replicas: at least one replica is needed")
     if len({r.id for r in replicas}) != len(replicas) or len({r.name for r in replicas}) != len(replicas):
         raise ConfigError("replicas: names and ids must be unique")
+    if config.http_bind and not all(r.http_address for r in replicas):
+        raise ConfigError("http_bind: every replica needs the address of its HTTP API (lorad serve --http-port)")
     path = Path(template) if template is not None else TEMPLATE
     try:
         text = path.read_text()
@@ -112,12 +141,17 @@ def render(config: BalancerConfig, replicas: list[Replica], template: str | Path
         "RUNTIME_SOCKET": config.runtime_socket,
         "RESOLVERS": config.resolvers.rstrip("\n"),
         "BIND": config.bind,
-        "BALANCE": _BALANCE[config.policy].format(factor=config.balance_factor),
+        "BALANCE": _BALANCE[config.policy].format(factor=config.balance_factor, header=ROUTING_HEADER),
         "CHECK_INTERVAL": config.check_interval,
         "FALL": str(config.fall),
         "RISE": str(config.rise),
         "SERVERS": "\n".join(r.line() for r in replicas),
         "STATS": _STATS.format(bind=config.stats_bind) if config.stats_bind else "",
+        "HTTP": _HTTP.format(
+            bind=config.http_bind, routing_header=ROUTING_HEADER, route_header=HTTP_ROUTE_HEADER,
+            balance=_BALANCE[config.policy].format(factor=config.balance_factor, header=HTTP_ROUTE_HEADER),
+            inter=config.check_interval, fall=config.fall, rise=config.rise,
+            servers="\n".join(r.line(r.http_address) for r in replicas)) if config.http_bind else "",
     }
     for key, value in fields.items():
         text = text.replace("{{" + key + "}}", value)

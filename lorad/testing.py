@@ -130,6 +130,7 @@ class ServeProcess:
         self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         self.proc = None
         self.target = None
+        self.http_url = None  # http://127.0.0.1:PORT/v1 when started with --http-port
 
     def start(self) -> "ServeProcess":
         import re
@@ -147,6 +148,8 @@ class ServeProcess:
             m = re.search(r"gRPC listening on [^\s]+:(\d+)", text)
             if m and " serving " in text:
                 self.target = f"127.0.0.1:{m.group(1)}"
+                http = re.search(r"HTTP API on (https?://[^\s]+/v1)", text)
+                self.http_url = http.group(1) if http else None
                 return self
             time.sleep(0.2)
         self.stop()

@@ -1,7 +1,11 @@
-"""Adapter residency for dashboards and adapter-aware routers, read from the engine's published snapshot.
+"""Adapter residency for dashboards and adapter-aware routers, read from the snapshot the adapter
+manager publishes (lorad.server.residency).
 
 Always (no adapter ids):
     lorad_adapters_resident{tier="device"|"host"}   how many adapters each tier holds
+    lorad_adapters_pinned                           adapters pinned to a device slot
+    lorad_adapter_bytes{tier="device"|"host"}       memory they take: host copies, device slots in
+                                                    use (retired versions still running included)
 
 Only with `lorad serve --metrics-adapter-ids` (adapter ids become label values: one series per
 resident adapter, and ids may be confidential):
@@ -44,6 +48,12 @@ class AdapterResidencyCollector:
         counts.add_metric(["device"], len(r.device))
         counts.add_metric(["host"], len(r.host))
         yield counts
+        yield GaugeMetricFamily("lorad_adapters_pinned", "Adapters pinned to a device slot.", value=r.pinned)
+        nbytes = GaugeMetricFamily("lorad_adapter_bytes", "Bytes of adapters per tier (host copies, device slots "
+                                   "in use).", labels=["tier"])
+        nbytes.add_metric(["device"], r.device_bytes)
+        nbytes.add_metric(["host"], r.host_bytes)
+        yield nbytes
         if not self.with_ids:
             return
         info = GaugeMetricFamily(

@@ -1,17 +1,12 @@
-"""Where adapters come from: the folder on disk and the host-memory LRU in front of it.
+"""The disk side of adapters: the folder (--adapters DIR, one sub-folder per adapter id), the
+header checks listings show, and reading an adapter's files into host tensors.
 
-    disk (--adapters DIR, one sub-folder per adapter id)
-      -> host cache (--max-cpu-loras, validated tensors in the file's dtype, LRU)
-        -> device slots (--max-loras, lorad.server.lora_slots)
+Nothing here keeps adapters in memory or decides what is resident: that is
+lorad.server.adapter_manager, on the model thread. Methods here are safe on any thread;
+`read` runs on the manager's loader thread (numpy only, see lorad.server.model_thread).
 
-Reading and validating from disk runs on a background thread so the engine keeps stepping
-while an adapter loads; the engine copies a loaded adapter into a slot between two steps.
-
-Every copy remembers the stamp of the files it was read from (lorad.adapter_format.adapter_stamp).
-When the files change on disk, the host copy is dropped and the next request reads the new
-files; the engine does the same for the device slot. Results of header checks (for listing)
-and failed loads are kept per stamp too, so a broken adapter is read once per version of its
-files, not once per request or per listing.
+Results of header checks (for listing) are kept per stamp of the files, so a broken adapter is
+inspected once per version of its files, not once per listing.
 
 Client-facing messages name the adapter id, never a server path; paths go to the log.
 """
@@ -21,15 +16,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from lorad.adapter_format import (
     CONFIG_FILE,
     AdapterSpec,
     LoadedAdapter,
-    adapter_stamp,
     inspect_adapter,
     load_adapter,
     validate_adapter_id,
@@ -37,23 +29,19 @@ from lorad.adapter_format import (
 from lorad.errors import AdapterNotFoundError, InvalidAdapterError, InvalidRequestError
 from lorad.geometry import ModelGeometry
 
+from lorad.server.adapter_publish import adapter_digest, files_stamp, renames_paused
+
 log = logging.getLogger(__name__)
 
 
 class AdapterStore:
-    def __init__(self, root: str | Path | None, geometry: ModelGeometry, max_rank: int, host_capacity: int):
+    def __init__(self, root: str | Path | None, geometry: ModelGeometry, max_rank: int):
         self.root = Path(root).resolve() if root else None
         self.geometry = geometry
         self.max_rank = max_rank
-        self.host_capacity = host_capacity
-        self._host: OrderedDict[str, LoadedAdapter] = OrderedDict()
-        self._loading: dict[str, Future] = {}
-        # adapter id -> (stamp, error) of the last failed load; it fails again until the files change
-        self._failed: dict[str, tuple[tuple, InvalidAdapterError]] = {}
         # adapter id -> (stamp, spec or error) of the last header check (listing)
         self._inspected: dict[str, tuple[tuple, AdapterSpec | InvalidAdapterError]] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorad-adapter-loader")
 
     # --- disk -------------------------------------------------------------------------------
 
@@ -66,8 +54,13 @@ class AdapterStore:
         if self.root is None:
             raise AdapterNotFoundError(f"adapter {adapter_id!r} not found: this server was started without --adapters")
         path = (self.root / adapter_id).resolve()
+        found = (path / CONFIG_FILE).is_file()
+        if not found:  # maybe mid-replace on a filesystem without an atomic exchange: look again
+            with renames_paused(self.root):
+                path = (self.root / adapter_id).resolve()
+                found = (path / CONFIG_FILE).is_file()
         # a folder that is a symlink out of the adapters folder is not an adapter of this server
-        if path.parent != self.root or not (path / CONFIG_FILE).is_file():
+        if path.parent != self.root or not found:
             raise AdapterNotFoundError(f"adapter {adapter_id!r} not found")
         return path
 
@@ -88,19 +81,16 @@ class AdapterStore:
         return ids
 
     def stamp(self, adapter_id: str) -> tuple:
-        """The current stamp of an adapter's files (see adapter_format.adapter_stamp)."""
-        return adapter_stamp(self.root / adapter_id) if self.root is not None else ()
+        """The current stamp of an adapter's files (lorad.server.adapter_publish.files_stamp)."""
+        return files_stamp(self.root / adapter_id) if self.root is not None else ()
 
     def inspect(self, adapter_id: str) -> AdapterSpec:
-        """Header-level validation (cached per version of the files); also reports the error of
-        a failed load of the same files. Raises InvalidAdapterError or AdapterNotFoundError only."""
+        """Header-level validation (cached per version of the files). Raises InvalidAdapterError
+        or AdapterNotFoundError only."""
         path = self.path_for(adapter_id)
         stamp = self.stamp(adapter_id)
         with self._lock:
-            failed = self._failed.get(adapter_id)
             seen = self._inspected.get(adapter_id)
-        if failed is not None and failed[0] == stamp:
-            raise failed[1]
         if seen is not None and seen[0] == stamp:
             result = seen[1]
         else:
@@ -117,102 +107,38 @@ class AdapterStore:
             raise result
         return result
 
-    # --- host cache -------------------------------------------------------------------------
+    # --- reading (the manager's loader thread) ----------------------------------------------
 
-    def cached(self, adapter_id: str, stamp: tuple | None = None) -> LoadedAdapter | None:
-        """The host copy, marking it most recently used; None if not in host memory or if it
-        was read from files that have changed since (the stale copy is dropped)."""
-        stamp = self.stamp(adapter_id) if stamp is None else stamp
-        with self._lock:
-            adapter = self._host.get(adapter_id)
-            if adapter is None:
-                return None
-            if adapter.stamp != stamp:
-                del self._host[adapter_id]
-                log.info("adapter %s: files changed on disk; dropped the host copy", adapter_id)
-                return None
-            self._host.move_to_end(adapter_id)
-            return adapter
+    def read(self, adapter_id: str) -> LoadedAdapter:
+        """Read and validate an adapter's files into host tensors, with the content digest of
+        exactly the files read (the stamp is taken before and after: a copy of files rewritten
+        meanwhile could mix versions, so it is refused and the next request reads again).
 
-    def in_host(self, adapter_id: str) -> bool:
-        with self._lock:
-            return adapter_id in self._host
-
-    def host_stamp(self, adapter_id: str) -> tuple | None:
-        with self._lock:
-            adapter = self._host.get(adapter_id)
-            return adapter.stamp if adapter is not None else None
-
-    def host_ids(self) -> list[str]:
-        with self._lock:
-            return list(self._host)
-
-    def is_loading(self, adapter_id: str) -> bool:
-        with self._lock:
-            return adapter_id in self._loading
-
-    def load_async(self, adapter_id: str, on_done=None) -> Future:
-        """Start reading an adapter into host memory (once, however often asked).
-
-        An adapter whose last load failed fails again at once until its files change.
-        """
-        with self._lock:
-            future = self._loading.get(adapter_id)
-            failed = self._failed.get(adapter_id) if future is None else None
-        if failed is not None and failed[0] == self.stamp(adapter_id):
-            future = Future()
-            future.set_exception(failed[1])
-            if on_done is not None:
-                on_done(adapter_id, future)
-            return future
-        with self._lock:
-            future = self._loading.get(adapter_id)
-            if future is None:
-                future = self._pool.submit(self._load, adapter_id)
-                self._loading[adapter_id] = future
-        if on_done is not None:
-            future.add_done_callback(lambda f: on_done(adapter_id, f))
-        return future
-
-    def _load(self, adapter_id: str) -> LoadedAdapter:
+        Raises AdapterNotFoundError / InvalidRequestError (not a property of these files),
+        ChangedWhileRead, or InvalidAdapterError for files that cannot serve (it names the
+        adapter id, never a path; an unexpected reader failure becomes one, with the details logged)."""
         started = time.perf_counter()
-        stamp = self.stamp(adapter_id)
+        path = self.path_for(adapter_id)
+        stamp = files_stamp(path)
         try:
-            path = self.path_for(adapter_id)
+            digest = adapter_digest(path)
             adapter = load_adapter(path, adapter_id, self.geometry, self.max_rank, root=self.root)
-            if self.stamp(adapter_id) != stamp:  # rewritten while read: this copy may mix versions
-                raise _ChangedWhileRead(f"adapter {adapter_id!r}: its files changed while they were being read; "
-                                        "retry the request")
-            adapter.stamp = stamp
-            adapter.load_seconds = time.perf_counter() - started
-            with self._lock:
-                self._failed.pop(adapter_id, None)
-                self._host[adapter_id] = adapter
-                self._host.move_to_end(adapter_id)
-                while len(self._host) > self.host_capacity:
-                    evicted, _ = self._host.popitem(last=False)
-                    log.info("host cache: evicted adapter %s", evicted)
-            log.info("loaded adapter %s (rank %d, %d modules)", adapter_id, adapter.spec.rank, len(adapter.weights))
-            return adapter
-        except (AdapterNotFoundError, InvalidRequestError, _ChangedWhileRead):
-            raise  # not a property of these files: not remembered
+        except (AdapterNotFoundError, InvalidRequestError):
+            raise
+        except InvalidAdapterError as exc:
+            log.info("adapter %s (%s) refused: %s", adapter_id, path, exc)
+            raise
         except Exception as exc:  # an unexpected reader failure still becomes an adapter error
-            if isinstance(exc, InvalidAdapterError):
-                error = exc
-                log.info("adapter %s (%s) refused: %s", adapter_id, self.root / adapter_id, exc)
-            else:
-                log.exception("loading adapter %s from %s failed", adapter_id, self.root / adapter_id)
-                error = InvalidAdapterError(f"adapter {adapter_id!r} could not be loaded; see the server log")
-            with self._lock:
-                self._failed[adapter_id] = (stamp, error)
-            raise error from exc
-        finally:
-            with self._lock:
-                self._loading.pop(adapter_id, None)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+            log.exception("loading adapter %s from %s failed", adapter_id, path)
+            raise InvalidAdapterError(f"adapter {adapter_id!r} could not be loaded; see the server log") from exc
+        if files_stamp(path) != stamp:
+            raise ChangedWhileRead(f"adapter {adapter_id!r}: its files changed while they were being read; "
+                                   "retry the request")
+        adapter.stamp = stamp
+        adapter.digest = digest
+        adapter.load_seconds = time.perf_counter() - started
+        return adapter
 
 
-class _ChangedWhileRead(InvalidAdapterError):
-    """The files changed during a load; the next request reads them again."""
+class ChangedWhileRead(InvalidAdapterError):
+    """The files changed during a read; not remembered: the next request reads them again."""

@@ -1,10 +1,14 @@
-"""Assemble and run the server: gRPC (Generator, health, reflection), Prometheus, the engine.
+"""Assemble and run the server: gRPC (Generator, health, reflection), the OpenAI-compatible HTTP
+API (with --http-port), Prometheus, the engine. Both transports share one request path
+(lorad.server.frontend).
 
-Start-up order: the gRPC port opens first with health NOT_SERVING (so orchestrators can probe
-it), the base loads in a worker thread, then the engine starts and health turns SERVING.
+Start-up order: the gRPC port (and the HTTP port) opens first with health NOT_SERVING and /ready
+503 (so orchestrators can probe it), the base loads in a worker thread, then the engine starts
+and health turns SERVING.
 Shutdown (SIGINT / SIGTERM or `stop()`): health NOT_SERVING and /ready 503, then for
 `drain_seconds` new RPCs are still served (balancers are taking this replica out), then no new
-RPCs, in-flight RPCs get `grace_seconds` to finish, then the engine stops.
+RPCs (and no new HTTP connections), in-flight requests get `grace_seconds` to finish, then the
+engine stops.
 Readiness (lorad.server.readiness) is the one source of truth; gRPC health and the HTTP probes
 both report it.
 """
@@ -25,8 +29,12 @@ from lorad.base_model import LoadedBase, load_base
 from lorad.errors import ConfigError
 from lorad.v1 import lorad_pb2, lorad_pb2_grpc
 
+from lorad.server.adapter_publish import UploadLimits
+from lorad.server.adapter_service import AdapterManagerService
+from lorad.server.auth import AuthInterceptor, is_loopback, policy_from, server_credentials
 from lorad.server.config import ServerConfig
 from lorad.server.engine import Engine
+from lorad.server.frontend import Frontend
 from lorad.server.grpc_service import GeneratorService, RequestParseGuard
 from lorad.server.metrics import Metrics
 from lorad.server.model_thread import ModelThread
@@ -35,6 +43,7 @@ from lorad.server.readiness import Readiness
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = lorad_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
+ADMIN_SERVICE_NAME = lorad_pb2.DESCRIPTOR.services_by_name["AdapterManager"].full_name
 
 
 class LoradServer:
@@ -44,36 +53,73 @@ class LoradServer:
         self._preloaded = base
         self.metrics = Metrics()
         self.readiness = Readiness()
-        self.service = GeneratorService(config.base.name, config.max_unsent_chunks)
+        self.frontend = Frontend(config.max_unsent_chunks, on_done=self.metrics.transport_request)
+        self.admin = AdapterManagerService(config.adapters_dir, UploadLimits(max_bytes=config.max_upload_bytes))
+        self.service = GeneratorService(config.base.name, self.frontend, listing=self.admin.listing)
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.engine: Engine | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http = None  # lorad.server.http_server.HttpServer with --http-port
+        self.http_api = None  # lorad.server.openai_api.OpenAIApi with --http-port
+        self.http_port: int | None = None
         self.model_thread = ModelThread()
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
         """Bind, load the base, start the engine; returns the bound gRPC port."""
         cfg = self.config
+        policy = policy_from(cfg.admin_token_file, cfg.api_token_file, cfg.host)
         self.server = grpc.aio.server(
-            interceptors=[RequestParseGuard(on_refused=self._count_unparsed)],
+            # who may call first (auth), then whether the bytes are a request at all (parse guard)
+            interceptors=[AuthInterceptor(policy, on_refusal=self.metrics.request_failed),
+                          RequestParseGuard(on_refused=self._count_unparsed)],
+            # uploads arrive in chunks of at most 1 MiB, under the request limit (1 MiB at least)
             options=[("grpc.max_receive_message_length", cfg.max_request_bytes)],
         )
         lorad_pb2_grpc.add_GeneratorServicer_to_server(self.service, self.server)
+        lorad_pb2_grpc.add_AdapterManagerServicer_to_server(self.admin, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
             self.server,
         )
         address = f"{_bracket(cfg.host)}:{cfg.port}"
         try:
-            self.port = self.server.add_insecure_port(address)
+            if cfg.tls:
+                self.port = self.server.add_secure_port(
+                    address, server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
+            else:
+                self.port = self.server.add_insecure_port(address)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {address}: {exc} (is the port in use?)") from exc
+        if not is_loopback(cfg.host) and not cfg.tls:
+            log.warning("listening on %s without TLS: requests and tokens cross the network in clear "
+                        "(use --tls-cert/--tls-key, or a TLS proxy in front)", cfg.host)
+        if self.admin.publisher is not None:
+            for action in self.admin.publisher.recover():
+                log.warning("adapters folder: %s", action)
         await self._sync_health()
         await self.server.start()
         log.info("gRPC listening on %s:%d (health NOT_SERVING until the base is loaded)", cfg.host, self.port)
+        if cfg.http_port is not None:
+            from lorad.server.http_server import HttpServer  # FastAPI/uvicorn only when asked for
+            from lorad.server.openai_api import OpenAIApi
+
+            http_host = cfg.http_host or cfg.host
+            if not is_loopback(http_host) and not cfg.tls:
+                log.warning("HTTP API on %s without TLS: prompts and tokens cross the network in clear", http_host)
+            self.http_api = OpenAIApi(self.frontend, self.readiness, policy, listing=self.admin.listing,
+                                      base_name=cfg.base.name, observer=self.metrics,
+                                      max_concurrency=cfg.http_max_concurrency,
+                                      max_body_bytes=cfg.max_request_bytes)
+            self.http = HttpServer(self.http_api.app, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
+                                   tls_client_ca=cfg.tls_client_ca)
+            self.http_port = await self.http.start(http_host, cfg.http_port)
+            log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1 (/ready 503 until the base is loaded)",
+                     "https" if cfg.tls else "http", http_host, self.http_port)
         self.metrics.watch_adapters(lambda: self.engine.residency if self.engine is not None else None,
                                     with_ids=cfg.metrics_adapter_ids)
         if cfg.metrics_port is not None:
@@ -105,7 +151,11 @@ class LoradServer:
         self.metrics.memory.labels("base_weights").set(base.model.get_memory_footprint() + self.engine.runner.extra_bytes)
         self.metrics.slots(0, cfg.engine.max_loras)
         self.service.base_name = base.resolved.display_name
-        self.service.engine = self.engine
+        if self.http_api is not None:
+            self.http_api.base_name = base.resolved.display_name
+        self.frontend.engine = self.engine
+        self.admin.base_name = base.resolved.display_name
+        self.admin.engine = self.engine
         self.readiness.mark_ready()
         await self._sync_health()
         log.info(
@@ -123,7 +173,7 @@ class LoradServer:
         """gRPC health follows readiness (after a graceful shutdown began, set() is a no-op)."""
         ready = self.readiness.ready
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
             await self.health.set(service, status)
 
     async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
@@ -136,8 +186,10 @@ class LoradServer:
             if was_ready and drain > 0:  # keep serving while balancers see /ready fail
                 log.info("draining: not ready, still serving new requests for %.1f s", drain)
                 await asyncio.sleep(drain)
-            if self.server is not None:
-                await self.server.stop(grace)
+            stopping = [self.server.stop(grace)] if self.server is not None else []
+            if self.http is not None:
+                stopping.append(self.http.stop(grace))
+            await asyncio.gather(*stopping)
             if self.engine is not None:
                 await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
         finally:

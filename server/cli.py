@@ -38,6 +38,14 @@ def _default(name: str):
 @click.option("--port", type=int, default=_default("port"), show_default=True, help="gRPC port (0 = any free port).")
 @click.option("--metrics-port", type=int, default=_default("metrics_port"), show_default=True,
               help="Prometheus /metrics port; -1 disables it.")
+@click.option("--http-port", type=int, default=_default("http_port"),
+              help="Also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                   "/v1/models, /health, /ready) on this port, same engine as gRPC; 0 = any free port "
+                   "[default: off; -1 also means off].")
+@click.option("--http-host", default=_default("http_host"),
+              help="Address of the HTTP API [default: --host].")
+@click.option("--http-max-concurrency", type=int, default=_default("http_max_concurrency"), show_default=True,
+              help="HTTP generation requests in the server at once; one more gets 429 with Retry-After.")
 @click.option("--max-loras", type=int, default=_E.max_loras, show_default=True,
               help="Adapter slots on the device; adapters in slots share every batch.")
 @click.option("--max-cpu-loras", type=int, default=None,
@@ -72,6 +80,17 @@ def _default(name: str):
 @click.option("--max-unsent-chunks", type=int, default=_default("max_unsent_chunks"), show_default=True,
               help="Chunks a streaming client may leave unread before its request is cancelled "
                    "(RESOURCE_EXHAUSTED), so a stalled client never holds a batch row.")
+@click.option("--admin-token-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the bearer token AdapterManager calls need (load, unload, upload, delete...). "
+                   "Without it, adapter management is allowed only when the server listens on loopback.")
+@click.option("--api-token-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the bearer token Generator calls need [default: Generator is open].")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, help="PEM certificate: serve TLS.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="PEM private key of --tls-cert.")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False), default=None,
+              help="PEM CA: require client certificates it signed (mTLS).")
+@click.option("--max-upload-bytes", default=f"{_default('max_upload_bytes') / 2**30:g}GiB", show_default=True,
+              help="Largest adapter upload accepted (all files together).")
 @click.option("--grace", "grace_seconds", type=float, default=_default("grace_seconds"), show_default=True,
               help="Seconds in-flight requests get to finish on shutdown.")
 @click.option("--drain-seconds", type=float, default=_default("drain_seconds"), show_default=True,
@@ -83,17 +102,22 @@ def _default(name: str):
                    "(lorad_adapter_resident, lorad_lora_requests_info in vLLM's shape) for adapter-aware "
                    "routers. Off by default: adapter ids become label values.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
-def serve(base, quant, device, adapters_dir, host, port, metrics_port, max_loras, max_cpu_loras, max_lora_rank,
+def serve(base, quant, device, adapters_dir, host, port, metrics_port, http_port, http_host, http_max_concurrency,
+          max_loras, max_cpu_loras, max_lora_rank,
           max_batch_size, max_seq_len, kv_cache_memory, max_prefill_tokens, max_queue, default_max_new_tokens,
-          threads, dequant_memory, lora_backend, max_request_bytes, max_unsent_chunks, grace_seconds, drain_seconds,
+          threads, dequant_memory, lora_backend, max_request_bytes, max_unsent_chunks, admin_token_file,
+          api_token_file, tls_cert, tls_key, tls_client_ca, max_upload_bytes, grace_seconds, drain_seconds,
           metrics_adapter_ids, log_level):
-    """Serve one base model and every adapter in --adapters over gRPC (lorad.v1.Generator).
+    """Serve one base model and every adapter in --adapters over gRPC (lorad.v1.Generator), and
+    with --http-port over an OpenAI-compatible HTTP API where every adapter is a model.
 
     \b
     Examples:
       lorad serve --adapters ./adapters
+      lorad serve --adapters ./adapters --http-port 8000
       lorad serve --base llama-3.1-8b-nf4 --adapters /srv/adapters --max-loras 32
       lorad serve --base ./my-llama-folder --quant none --device cpu
+      lorad serve --host 0.0.0.0 --tls-cert srv.pem --tls-key srv.key --admin-token-file admin.token
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
@@ -102,10 +126,19 @@ def serve(base, quant, device, adapters_dir, host, port, metrics_port, max_loras
             host=host,
             port=port,
             metrics_port=None if metrics_port is not None and metrics_port < 0 else metrics_port,
+            http_port=None if http_port is not None and http_port < 0 else http_port,
+            http_host=http_host,
+            http_max_concurrency=http_max_concurrency,
             adapters_dir=adapters_dir,
             grace_seconds=grace_seconds,
             max_request_bytes=max_request_bytes,
             max_unsent_chunks=max_unsent_chunks,
+            admin_token_file=admin_token_file,
+            api_token_file=api_token_file,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            max_upload_bytes=max_upload_bytes,
             drain_seconds=drain_seconds,
             metrics_adapter_ids=metrics_adapter_ids,
             base=BaseModelConfig(name=base, quant=quant, device=device),

@@ -1,7 +1,8 @@
-"""Typed configuration of the engine and the gRPC server. CLI defaults come from here."""
+"""Typed configuration of the engine and the server (gRPC, the HTTP API). CLI defaults come from here."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -90,7 +91,19 @@ class EngineConfig:
 
 @dataclass
 class ServerConfig:
-    """The gRPC server around the engine."""
+    """The gRPC server around the engine.
+
+    admin_token_file: a file holding the bearer token that AdapterManager calls need; without
+        it, adapter management is open on a loopback-only server and refused on any other.
+    api_token_file: a file holding the token Generator calls need (off: Generator is open).
+    tls_cert / tls_key: PEM files; serve TLS instead of plaintext. tls_client_ca: also require
+        client certificates signed by this CA (mTLS).
+    max_upload_bytes: the most one UploadAdapter may send (all files together).
+    http_port: the OpenAI-compatible HTTP API (lorad.server.openai_api) on this port, beside gRPC,
+        on the same engine; None = off (the default), 0 = any free port. http_host: None = host.
+        Its bodies are limited to max_request_bytes and its tokens are api_token_file's.
+    http_max_concurrency: HTTP generation requests in the server at once; one more gets 429.
+    """
 
     host: str = "127.0.0.1"
     port: int = 50051
@@ -108,15 +121,44 @@ class ServerConfig:
     metrics_adapter_ids: bool = False  # export which adapters are resident / running, by id
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    admin_token_file: str | None = None
+    api_token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    max_upload_bytes: int = 2 * 2**30
+    http_port: int | None = None
+    http_host: str | None = None
+    http_max_concurrency: int = 1024
 
     def __post_init__(self) -> None:
         if not (0 <= self.port <= 65535):
             raise ConfigError(f"port: {self.port} is outside 0-65535")
         if self.metrics_port is not None and not (0 <= self.metrics_port <= 65535):
             raise ConfigError(f"metrics_port: {self.metrics_port} is outside 0-65535")
+        if self.http_port is not None and not (0 <= self.http_port <= 65535):
+            raise ConfigError(f"http_port: {self.http_port} is outside 0-65535 (leave it out to turn HTTP off)")
+        _positive("http_max_concurrency", self.http_max_concurrency)
         for name in ("grace_seconds", "drain_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative")
         self.max_request_bytes = parse_bytes(self.max_request_bytes, "max_request_bytes")
         for name in ("max_request_bytes", "max_unsent_chunks"):
             _positive(name, getattr(self, name))
+        if self.max_request_bytes < 2**20 + 2**16:
+            raise ConfigError(f"max_request_bytes: {self.max_request_bytes} is below 1 MiB + 64 KiB, "
+                              "the size of one upload chunk message")
+        self.max_upload_bytes = parse_bytes(self.max_upload_bytes, "max_upload_bytes")
+        _positive("max_upload_bytes", self.max_upload_bytes)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key: give both (a certificate and its private key) or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca: needs tls_cert and tls_key (mTLS runs over TLS)")
+        for name in ("admin_token_file", "api_token_file", "tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, name)
+            if value is not None and not os.path.isfile(value):
+                raise ConfigError(f"{name}: {value} is not a file")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None

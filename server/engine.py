@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from concurrent.futures import Future
 from typing import Callable
 
 import torch
@@ -35,7 +35,6 @@ from lorad.adapter_format import shorten
 from lorad.base_model import LoadedBase
 from lorad.cpu_features import default_threads
 from lorad.errors import (
-    AdapterNotFoundError,
     DeadlineExceededError,
     EngineStoppedError,
     InvalidAdapterError,
@@ -46,6 +45,7 @@ from lorad.errors import (
 from lorad.geometry import ModelGeometry
 from lorad.kernels import build_lora_meta
 
+from lorad.server.adapter_manager import AdapterManager, AdapterStatus
 from lorad.server.adapter_store import AdapterStore
 from lorad.server.config import EngineConfig
 from lorad.server.detokenizer import IncrementalDetokenizer
@@ -54,69 +54,14 @@ from lorad.server.lora_slots import LoRASlotPool
 from lorad.server.model_runner import LlamaRunner, SeqChunk, StepBatch
 from lorad.server.model_thread import ModelThread
 from lorad.server.observer import EngineObserver
-from lorad.server.residency import AdapterResidency, residency_snapshot
+from lorad.server.residency import AdapterResidency
+from lorad.server.requests import Event, Probe, Request
 from lorad.server.sampling import SamplingParams, make_generator, sample_tokens
 
 log = logging.getLogger(__name__)
 
 FINISH_LENGTH, FINISH_EOS, FINISH_STOP, FINISH_CANCELLED = "length", "eos", "stop", "cancelled"
 DEFAULT_MAX_SEQ_LEN_CAP = 2048
-
-
-@dataclass
-class Event:
-    """What a request's sink receives: chunks, then exactly one final or error event."""
-
-    kind: str  # "chunk" | "final" | "error"
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    logprobs: list[float] = field(default_factory=list)  # when the request asked for them
-    error: LoradError | None = None
-
-
-@dataclass(eq=False)
-class Request:
-    id: int
-    prompt_ids: list[int]
-    adapter_id: str | None
-    params: SamplingParams
-    sink: Callable[[Event], None]
-    detok: IncrementalDetokenizer
-    arrival: float
-    deadline: float | None = None
-    slot: int = -1
-    row: int = -1
-    num_cached: int = 0  # tokens of prompt + output already in the KV cache
-    output_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[float] = field(default_factory=list)
-    generator: torch.Generator | None = None
-    seen: set[int] | None = None  # token ids for the repetition penalty
-    cancelled: bool = False
-    looked_up: bool = False  # adapter cache lookups are counted once per request
-    last_token_at: float = 0.0
-    kv_extent: int = 0  # cache positions of its row this request has written (zeroed when it leaves)
-
-    @property
-    def prefilling(self) -> bool:
-        return self.num_cached < len(self.prompt_ids)
-
-    @property
-    def total_len(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-
-@dataclass
-class AdapterStatus:
-    adapter_id: str
-    location: str  # "disk" | "host" | "device"
-    rank: int = 0
-    lora_alpha: float = 0.0
-    target_modules: tuple[str, ...] = ()
-    size_bytes: int = 0
-    error: str = ""
 
 
 class Engine:
@@ -148,7 +93,9 @@ class Engine:
             )
         self.kv = KVCache(self.geometry, rows, self.max_seq_len, dtype, self.device)
         self.pool = LoRASlotPool(self.geometry, config.max_loras, config.max_lora_rank, dtype, self.device)
-        self.store = AdapterStore(adapters_dir, self.geometry, config.max_lora_rank, config.max_cpu_loras)
+        self.store = AdapterStore(adapters_dir, self.geometry, config.max_lora_rank)
+        self.adapters = AdapterManager(self.store, self.pool, config.max_cpu_loras, self.observer,
+                                       post=self.post, fail_waiting=self._fail_waiting)
         self.threads = config.threads or default_threads()
         torch.set_num_threads(self.threads)  # again on the loop's thread: OpenMP's setting is per thread
         self.runner = LlamaRunner(base.model, self.geometry, self.kv, self.pool, config.lora_backend,
@@ -159,19 +106,16 @@ class Engine:
         self._cv = threading.Condition()
         self._inbox: deque[Request] = deque()
         self._cancels: set[int] = set()
-        self._load_errors: dict[str, LoradError] = {}
+        self._messages: deque = deque()  # adapter commands and loader results, for the model thread
         self._waiting: deque[Request] = deque()
         self._num_waiting = 0  # len(_waiting), published under _cv for submit's queue limit
         self._num_running = 0  # len(_running), likewise
         self._running: list[Request] = []  # index = cache row
-        self._slot_stamps: dict[str, tuple] = {}  # adapter id -> stamp of the files its device slot holds
         self._max_token_chars: int | None = None
         self._stop = False
         self._running_loop = None  # the Thread or Future running _loop
         self.on_exit: Callable[[], None] | None = None  # called (on the loop's thread) once the loop has ended
         self.steps = 0
-        # published by the loop after every iteration; read from any thread (lorad.server.residency)
-        self.residency = AdapterResidency(max_loras=config.max_loras)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -196,7 +140,7 @@ class Engine:
             loop.join(timeout)
         elif loop is not None:
             loop.result(timeout)
-        self.store.close()
+        self.adapters.close()
 
     def __enter__(self) -> "Engine":
         return self.start()
@@ -271,7 +215,7 @@ class Engine:
                 f"max_new_tokens: {params.max_new_tokens} is above this server's limit of {self.config.max_new_tokens_limit}"
             )
         if adapter_id:
-            self.store.path_for(adapter_id)  # NOT_FOUND / INVALID_ARGUMENT before queueing
+            self.adapters.check_servable(adapter_id)  # NOT_FOUND / INVALID_ARGUMENT before queueing
         now = time.monotonic()
         request = Request(
             id=next(self._ids),
@@ -326,42 +270,42 @@ class Engine:
 
     # --- adapters ---------------------------------------------------------------------------
 
-    def list_adapters(self) -> list[AdapterStatus]:
-        """Every adapter folder with its state; a broken one is listed with its error, it never
-        fails the listing."""
-        out = []
-        for adapter_id in self.store.list_ids():
-            try:
-                out.append(self._adapter_status(adapter_id))
-            except Exception:  # a bug here must cost one entry, not everyone's listing
-                log.exception("listing adapter %s failed", adapter_id)
-                out.append(AdapterStatus(adapter_id, "disk", error=f"adapter {adapter_id!r} could not be listed; "
-                                                                   "see the server log"))
-        return out
-
-    def _adapter_status(self, adapter_id: str) -> AdapterStatus:
-        stamp = self.store.stamp(adapter_id)
-        # a copy read from files that have changed since does not count: it will not serve again
-        if self.pool.lookup(adapter_id) is not None and self._slot_stamps.get(adapter_id) == stamp:
-            location = "device"
-        elif self.store.host_stamp(adapter_id) == stamp:
-            location = "host"
-        else:
-            location = "disk"
-        try:
-            spec = self.store.inspect(adapter_id)
-        except (InvalidAdapterError, AdapterNotFoundError) as exc:
-            return AdapterStatus(adapter_id, location, error=str(exc))
-        return AdapterStatus(adapter_id, location, spec.rank, spec.lora_alpha, spec.target_modules, spec.size_bytes)
-
-    def _on_adapter_loaded(self, adapter_id: str, future) -> None:
-        exc = future.exception()
-        if exc is None:
-            self.observer.adapter_loaded("host", future.result().load_seconds)
+    def post(self, message) -> None:
+        """Hand a message to the model thread (any thread): an adapter command
+        (lorad.server.adapter_manager) or a loader result; it is handled between two steps."""
         with self._cv:
-            if exc is not None:
-                self._load_errors[adapter_id] = exc if isinstance(exc, LoradError) else InvalidAdapterError(str(exc))
+            self._messages.append(message)
             self._cv.notify()
+
+    def probe(self, fn: Callable[["Engine"], object]) -> Future:
+        """Run fn(engine) on the model thread at the end of a loop iteration (any thread; tests)."""
+        probe = Probe(fn)
+        self.post(probe)
+        return probe.done
+
+    def _answer(self, probes: list[Probe]) -> None:
+        for probe in probes:
+            if probe.done.done():
+                continue
+            try:
+                probe.done.set_result(probe.fn(self))
+            except BaseException as exc:  # noqa: BLE001 - the caller gets it (an AssertionError, say)
+                probe.done.set_exception(exc)
+
+    def list_adapters(self) -> list[AdapterStatus]:
+        """Every adapter folder with its state (any thread; see AdapterManager.list_adapters)."""
+        return self.adapters.list_adapters()
+
+    def _fail_waiting(self, adapter_id: str, error: LoradError) -> None:
+        """Fail the queued requests of one adapter (its read failed, or it was deleted)."""
+        kept = deque()
+        for request in self._waiting:
+            if request.adapter_id == adapter_id:
+                self.observer.request_failed("adapter")
+                self._emit_error(request, error)
+            else:
+                kept.append(request)
+        self._waiting = kept
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -371,7 +315,7 @@ class Engine:
             while True:
                 with self._cv:
                     while not self._stop and not self._inbox and not self._cancels and not self._running \
-                            and not self._load_errors and not self._waiting:
+                            and not self._messages and not self._waiting:
                         self._cv.wait()
                     if self._stop:
                         break
@@ -379,17 +323,23 @@ class Engine:
                     self._num_waiting = len(self._waiting)
                     self._inbox.clear()
                     cancels, self._cancels = self._cancels, set()
-                    load_errors, self._load_errors = self._load_errors, {}
+                    messages, self._messages = self._messages, deque()
+                probes = [m for m in messages if isinstance(m, Probe)]
                 try:
                     self._reap(cancels)
-                    self._fail_load_errors(load_errors)
+                    for message in messages:
+                        if not isinstance(message, Probe):
+                            self.adapters.handle(message)
+                    self.adapters.progress()
                     self._admit()
                     self._publish_counts()
+                    self._publish_residency()
                     stepped = bool(self._running)
                     if stepped:
                         self._step()
                         self._publish_counts()
-                    self._publish_residency()
+                        self._publish_residency()
+                    self._answer(probes)
                     if not stepped and self._waiting:
                         with self._cv:  # waiting only on adapter loads: sleep until one finishes
                             self._cv.wait(timeout=0.05)
@@ -398,6 +348,8 @@ class Engine:
                     for request in list(self._running):
                         self._finish_error(request, LoradError("internal error in the engine step; see the server log"))
                     self._publish_counts()
+                    self._publish_residency()
+                    self._answer(probes)
         except Exception:  # the handler above failed: the loop cannot go on
             log.critical("engine loop died; failing every request and refusing new ones", exc_info=True)
         finally:  # nobody may be left waiting on a dead loop
@@ -419,15 +371,25 @@ class Engine:
         self.observer.requests_in_engine(len(self._running), len(self._waiting))
 
     def _publish_residency(self) -> None:
-        self.residency = residency_snapshot(
-            self.pool.adapter_in, self.store.host_ids(), (r.adapter_id for r in self._running),
-            (r.adapter_id for r in self._waiting), self.pool.num_slots)
+        """The adapter manager's snapshot (listings, residency metrics), with the queue's adapters."""
+        self.adapters.publish(waiting=(r.adapter_id for r in self._waiting))
+
+    @property
+    def residency(self) -> AdapterResidency:
+        """The adapter snapshot the model thread last published (lorad.server.residency; any thread)."""
+        return self.adapters.snapshot
 
     def _shutdown(self) -> None:
         err = EngineStoppedError("the server is shutting down")
         with self._cv:
             self._waiting.extend(self._inbox)
             self._inbox.clear()
+            messages, self._messages = self._messages, deque()
+        for message in messages:  # commands and probes nobody will handle now
+            done = getattr(message, "done", None)
+            if done is not None and not done.done():
+                done.set_exception(err)
+        self.adapters.fail_pending(err)
         for request in list(self._running):
             try:
                 self._finish_error(request, err)
@@ -469,19 +431,6 @@ class Engine:
         self._finish_error(request, DeadlineExceededError(
             f"the request's deadline passed after {len(request.output_ids)} generated tokens"))
 
-    def _fail_load_errors(self, errors: dict[str, LoradError]) -> None:
-        if not errors:
-            return
-        kept = deque()
-        for request in self._waiting:
-            err = errors.get(request.adapter_id)
-            if err is not None:
-                self.observer.request_failed("adapter")
-                self._emit_error(request, err)
-            else:
-                kept.append(request)
-        self._waiting = kept
-
     def _admit(self) -> None:
         """Move waiting requests into free cache rows, oldest first.
 
@@ -499,14 +448,13 @@ class Engine:
 
     def _admit_into(self, kept: deque, now: float) -> None:
         slot_blocked = False
-        stamps: dict[str, tuple] = {}  # adapter id -> stamp of its files, read once per pass
         while self._waiting:
             request = self._waiting.popleft()
             if len(self._running) >= self.kv.rows or (slot_blocked and request.adapter_id):
                 kept.append(request)
                 continue
             try:
-                slot = self._acquire_slot(request, stamps)
+                slot = self._acquire_slot(request)
             except Exception as exc:  # e.g. a slot write failed: fail this request, not the queue
                 log.exception("admitting request %d (adapter %s) failed", request.id, request.adapter_id)
                 self.observer.request_failed("adapter")
@@ -514,7 +462,7 @@ class Engine:
                     f"internal error putting adapter {request.adapter_id!r} on the device; see the server log"))
                 continue
             if slot is None:
-                if not self.store.is_loading(request.adapter_id) and self.store.in_host(request.adapter_id):
+                if not self.adapters.is_loading(request.adapter_id) and self.adapters.host_ready(request.adapter_id):
                     slot_blocked = True
                 kept.append(request)
                 continue
@@ -523,40 +471,17 @@ class Engine:
             self._running.append(request)
             self.observer.request_admitted(now - request.arrival)
 
-    def _acquire_slot(self, request: Request, stamps: dict[str, tuple]) -> int | None:
-        """The device slot for a request's adapter (-1 for none), or None if not ready yet.
-
-        A slot or host copy read from files that have changed since is not used: the slot is
-        retired (requests running on it finish on it) and the files are read again.
-        """
-        adapter_id = request.adapter_id
-        if adapter_id is None:
+    def _acquire_slot(self, request: Request) -> int | None:
+        """The device slot for a request's adapter (-1 for none), or None if not ready yet; binds
+        the request to the adapter version in that slot (AdapterManager.acquire)."""
+        if request.adapter_id is None:
             return -1
         first_try = not request.looked_up
         request.looked_up = True
-        stamp = stamps.get(adapter_id)
-        if stamp is None:
-            stamp = stamps[adapter_id] = self.store.stamp(adapter_id)
-        if self.pool.lookup(adapter_id) is not None and self._slot_stamps.get(adapter_id) != stamp:
-            log.info("adapter %s: files changed on disk; its device slot is retired", adapter_id)
-            self.pool.retire(adapter_id)
-        slot = self.pool.acquire_resident(adapter_id)
-        if first_try:
-            self.observer.adapter_lookup("device", slot is not None)
-        if slot is not None:
-            return slot
-        adapter = self.store.cached(adapter_id, stamp)
-        if first_try:
-            self.observer.adapter_lookup("host", adapter is not None)
-        if adapter is None:
-            if not self.store.is_loading(adapter_id):
-                self.store.load_async(adapter_id, on_done=self._on_adapter_loaded)
+        got = self.adapters.acquire(request.adapter_id, first_try)
+        if got is None:
             return None
-        started = time.perf_counter()
-        slot = self.pool.acquire_load(adapter)
-        if slot is not None:
-            self._slot_stamps[adapter_id] = adapter.stamp
-            self.observer.adapter_loaded("device", time.perf_counter() - started)
+        slot, request.version = got
         return slot
 
     # --- one step ----------------------------------------------------------------------------
@@ -710,7 +635,7 @@ class Engine:
         hostile adapter's overflow, say) must never meet the next occupant of its row.
         """
         if request.slot >= 0:
-            self.pool.release(request.slot)
+            self.adapters.release(request.slot)
             request.slot = -1
         row, last = request.row, len(self._running) - 1
         assert self._running[row] is request
@@ -751,6 +676,7 @@ class Engine:
                 prompt_tokens=len(request.prompt_ids),
                 completion_tokens=completion,
                 logprobs=list(request.output_logprobs),
+                adapter_version=request.version,
             ),
             tail=tail,
         )

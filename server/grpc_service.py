@@ -1,12 +1,9 @@
-"""The lorad.v1.Generator service (grpc.aio) on top of the engine.
-
-Handlers turn a GenerateRequest into token ids and SamplingParams, submit to the engine, and
-await its events through a queue the engine thread feeds. However a call ends (the final
-event, an error, a client cancel, an expired deadline, a handler left suspended in a blocked
-write), its engine request is cancelled, which frees its batch slot at the next step. A
-streaming client that stops reading gets at most `max_unsent_chunks` chunks buffered for it;
-then its request is cancelled and the call ends RESOURCE_EXHAUSTED, so a slow consumer never
-holds a batch row.
+"""The lorad.v1.Generator service (grpc.aio): translation between its messages and the shared
+request path, lorad.server.frontend (which submits, streams, bounds a slow reader's buffer and
+cancels). However a call ends (the final event, an error, a client cancel, an expired deadline,
+a handler left suspended in a blocked write), its engine request is cancelled, which frees its
+batch slot at the next step; a streaming client that leaves more than `max_unsent_chunks`
+chunks unread ends RESOURCE_EXHAUSTED.
 
 RequestParseGuard covers the wire edge of every service on the server: bytes that do not parse
 as the method's request message get INVALID_ARGUMENT with a sentence.
@@ -14,17 +11,18 @@ as the method's request message get INVALID_ARGUMENT with a sentence.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
-import threading
+from typing import Awaitable, Callable
 
 import grpc
 
-from lorad.errors import ClientTooSlowError, EngineStoppedError, InvalidRequestError, LoradError
+from lorad.errors import LoradError
 from lorad.v1 import lorad_pb2, lorad_pb2_grpc
 
-from lorad.server.engine import Engine, Event
+from lorad.server.engine import Engine
+from lorad.server.frontend import Frontend, GenerationInput
+from lorad.server.requests import Event
 from lorad.server.sampling import SamplingParams
 from lorad.server.status import message_for, status_for
 
@@ -35,11 +33,6 @@ FINISH_REASONS = {
     "eos": lorad_pb2.FINISH_REASON_EOS,
     "stop": lorad_pb2.FINISH_REASON_STOP,
     "cancelled": lorad_pb2.FINISH_REASON_CANCELLED,
-}
-LOCATIONS = {
-    "disk": lorad_pb2.ADAPTER_LOCATION_DISK,
-    "host": lorad_pb2.ADAPTER_LOCATION_HOST,
-    "device": lorad_pb2.ADAPTER_LOCATION_DEVICE,
 }
 
 
@@ -65,80 +58,24 @@ def final_response(event: Event) -> lorad_pb2.GenerateResponse:
         prompt_tokens=event.prompt_tokens,
         completion_tokens=event.completion_tokens,
         token_logprobs=event.logprobs,
+        adapter_version=event.adapter_version,
     )
 
 
-class _RequestEvents:
-    """One request's events, from the engine thread to the handler's event loop.
-
-    A streaming handler can only take the next event once its last message has been handed to
-    the transport, which waits for the client to read. `limit` bounds the events waiting here:
-    one more chunk cancels the engine request (freeing its batch row) and queues a
-    ClientTooSlowError instead. Without keep_chunks (unary calls) only the final event matters.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, engine: Engine, limit: int | None, keep_chunks: bool):
-        self.loop = loop
-        self.engine = engine
-        self.limit = limit
-        self.keep_chunks = keep_chunks
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.request_id: int | None = None
-        self.overflowed = False
-        self._pending = 0
-        self._lock = threading.Lock()
-
-    def put(self, event: Event) -> None:  # engine thread
-        if event.kind == "chunk" and not self.keep_chunks:
-            return
-        with self._lock:
-            if self.overflowed:
-                return
-            if event.kind == "chunk" and self.limit is not None and self._pending >= self.limit:
-                self.overflowed = True
-                event = Event("error", error=ClientTooSlowError(
-                    f"the client did not read its stream: {self.limit} chunks were waiting to be sent, so the "
-                    "request was cancelled to free its place in the batch"))
-            self._pending += 1
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        if self.overflowed and self.request_id is not None:
-            self.engine.observer.request_failed("slow_client")
-            self.engine.cancel(self.request_id)
-
-    async def get(self) -> Event:
-        event = await self.queue.get()
-        with self._lock:
-            self._pending -= 1
-        return event
-
-
 class GeneratorService(lorad_pb2_grpc.GeneratorServicer):
-    def __init__(self, base_name: str, max_unsent_chunks: int):
-        self.engine: Engine | None = None  # set once the base is loaded
+    """Translates lorad.v1.Generator calls to the shared request path (lorad.server.frontend)."""
+
+    def __init__(self, base_name: str, frontend: Frontend, listing: Callable[[], Awaitable] | None = None):
+        self.frontend = frontend
         self.base_name = base_name
-        self.max_unsent_chunks = max_unsent_chunks
+        self.listing = listing  # async () -> ListAdaptersResponse (the adapter manager service's)
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.frontend.engine
 
     def _engine(self) -> Engine:
-        if self.engine is None:
-            raise EngineStoppedError("the server is still loading the base model; retry shortly")
-        return self.engine
-
-    async def _submit(self, request, context, stream: bool) -> tuple[Engine, _RequestEvents]:
-        engine = self._engine()
-        if request.prompt and len(request.messages):
-            raise InvalidRequestError("give exactly one of prompt or messages, not both")
-        params = sampling_params_from(request, engine.config.default_max_new_tokens)  # cheap checks first
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        loop = asyncio.get_running_loop()
-        # tokenizing a long prompt takes milliseconds: keep it off the event loop
-        prompt_ids = await loop.run_in_executor(None, lambda: engine.encode(request.prompt or None, messages or None))
-        events = _RequestEvents(loop, engine, self.max_unsent_chunks if stream else None, keep_chunks=stream)
-        events.request_id = engine.submit(
-            prompt_ids, params, events.put, adapter_id=request.adapter_id or None, timeout=context.time_remaining()
-        )
-        if events.overflowed:  # (only if the engine outran submit's return)
-            engine.cancel(events.request_id)
-        return engine, events
+        return self.frontend.engine_or_raise()
 
     async def _fail(self, context, error: BaseException):
         if not isinstance(error, LoradError):
@@ -146,34 +83,24 @@ class GeneratorService(lorad_pb2_grpc.GeneratorServicer):
         await context.abort(status_for(error), message_for(error))
 
     async def _events(self, request, context, stream: bool):
-        """Submit the request and yield its events up to the final one; an error event, or a
-        refusal at submission, ends the RPC with its status. Whatever ends the call, an
-        unfinished engine request is cancelled: here when this generator is closed or
-        cancelled, and by the RPC's done callback when it is left suspended (a handler blocked
-        in a write whose RPC is cancelled is never resumed)."""
-        engine = events = None
-        finished = False
+        """The request's events from the frontend; a refusal or an error event ends the RPC with
+        its status; when the call ends (even with this handler suspended) the request is cancelled."""
+        generation = GenerationInput(
+            params=lambda default: sampling_params_from(request, default),
+            prompt=request.prompt or None,
+            messages=[{"role": m.role, "content": m.content} for m in request.messages],
+            adapter_id=request.adapter_id or None,
+            timeout=context.time_remaining(),
+        )
+        observer = self.engine.observer if self.engine is not None else None
         try:
-            engine, events = await self._submit(request, context, stream)
-            request_id = events.request_id
-            context.add_done_callback(lambda _ctx: None if finished else engine.cancel(request_id))
-            while True:
-                event = await events.get()
-                if event.kind == "error":
-                    finished = True  # the engine is done with it (or has been told to cancel it)
-                    raise event.error
-                if event.kind == "final":
-                    finished = True
+            async for event in self.frontend.generate(
+                    generation, stream=stream,
+                    on_submitted=lambda cancel: context.add_done_callback(lambda _ctx: cancel()),
+                    on_refused=lambda exc: observer.request_failed(status_for(exc).name.lower())):
                 yield event
-                if finished:
-                    return
         except Exception as exc:
-            if events is None and self.engine is not None:  # refused before queueing; the engine counts the rest
-                self.engine.observer.request_failed(status_for(exc).name.lower())
             await self._fail(context, exc)
-        finally:
-            if events is not None and not finished:
-                engine.cancel(events.request_id)
 
     async def Generate(self, request, context):
         response = None
@@ -192,30 +119,12 @@ class GeneratorService(lorad_pb2_grpc.GeneratorServicer):
                 yield lorad_pb2.GenerateStreamResponse(final=final_response(event))
 
     async def ListAdapters(self, request, context):
+        """The same listing as AdapterManager.ListAdapters (read-only, so inference callers may)."""
         try:
-            engine = self._engine()
-            loop = asyncio.get_running_loop()
-            statuses = await loop.run_in_executor(None, engine.list_adapters)
+            self._engine()
+            return await self.listing()
         except Exception as exc:
             await self._fail(context, exc)
-            return
-        return lorad_pb2.ListAdaptersResponse(
-            adapters=[
-                lorad_pb2.AdapterInfo(
-                    id=s.adapter_id,
-                    rank=s.rank,
-                    target_modules=list(s.target_modules),
-                    size_bytes=s.size_bytes,
-                    location=LOCATIONS[s.location],
-                    lora_alpha=s.lora_alpha,
-                    error=s.error,
-                )
-                for s in statuses
-            ],
-            base_model=self.base_name,
-            max_loras=engine.config.max_loras,
-            max_lora_rank=engine.config.max_lora_rank,
-        )
 
 
 # --- the wire edge ------------------------------------------------------------------------------

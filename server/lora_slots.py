@@ -4,8 +4,12 @@ For every (layer, projection) the pool preallocates
     a:     [S, R, H_in]   lora_A of each slot, rank-padded with zeros
     b:     [S, R, H_out]  lora_B of each slot, transposed (see lorad.kernels.lora_expand)
     scale: [S]            float32 lora_alpha / r (or / sqrt(r) for rsLoRA)
+    dora:  [S, H_out]     float32 DoRA row scale m / ||W + scale B A||_row; ones for plain LoRA
 where S = max_loras and R = max_lora_rank. Loading an adapter zeroes its slot and copies the
-adapter in; nothing is allocated after start-up.
+adapter in; nothing is allocated after start-up, except a module's `dora` table, made (all
+ones) when the first DoRA adapter is written to that module, so a server that never sees DoRA
+holds none. The DoRA row scale needs the base weight, which the pool does not hold: the model
+runner computes it (`row_scale`, set by LlamaRunner).
 
 The slot table is a small state machine: an adapter is in at most one slot; a slot in use by
 running requests (refcount > 0) is never evicted; free slots are reused least recently used
@@ -30,7 +34,9 @@ class ModuleSlots:
     a: torch.Tensor  # [S, R, H_in]
     b: torch.Tensor  # [S, R, H_out]
     scale: torch.Tensor  # [S] float32
+    dora: torch.Tensor | None = None  # [S, H_out] float32, 1.0 except in DoRA slots; None until the first
     slots_mask: int = 0  # bit s set when slot s holds a nonzero adapter for this module
+    dora_mask: int = 0  # bit s set when slot s holds a DoRA adapter for this module
     _views: dict = field(default_factory=dict, repr=False)
 
     def rank_slice(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,16 +78,24 @@ class LoRASlotPool:
         self._written_rank = [0] * num_slots  # rows [0, r) of a slot may be nonzero (cleared up to r)
         # slots with refcount 0, least recently released first; empty slots are always first
         self._idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(num_slots))
+        # (layer, proj, lora_a [r, H_in], lora_b [H_out, r], scale, magnitude [H_out]) -> [H_out] float32
+        # DoRA's row scale; set by the model runner, which holds the base weights
+        self.row_scale = None
 
     # --- accounting -----------------------------------------------------------------------
 
     @property
     def nbytes(self) -> int:
         return sum(
-            m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() + m.scale.numel() * 4
+            m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() + (m.scale.numel() + (m.dora.numel() if m.dora is not None else 0)) * 4
             for layer in self.layers
             for m in layer.values()
         )
+
+    @property
+    def slot_nbytes(self) -> int:
+        """Device bytes of one slot (every slot is sized for max_lora_rank)."""
+        return self.nbytes // self.num_slots
 
     @property
     def slots_used(self) -> int:
@@ -170,6 +184,9 @@ class LoRASlotPool:
                     m.b[slot, :rows].zero_()
                     m.scale[slot] = 0.0
                     m.slots_mask &= ~bit
+                if m.dora_mask & bit:
+                    m.dora[slot].fill_(1.0)
+                    m.dora_mask &= ~bit
         self.slot_rank[slot] = 0
         self._written_rank[slot] = 0
 
@@ -184,4 +201,11 @@ class LoRASlotPool:
             m.a[slot, :r].copy_(lora_a)  # [r, H_in]
             m.b[slot, :r].copy_(lora_b.t())  # [H_out, r] -> [r, H_out]
             m.scale[slot] = adapter.spec.modules[(layer, proj)].scale
+            magnitude = adapter.magnitudes.get((layer, proj))
+            if magnitude is not None:
+                assert self.row_scale is not None, "DoRA needs the model runner's row_scale"
+                if m.dora is None:
+                    m.dora = torch.ones(self.num_slots, m.b.shape[2], dtype=torch.float32, device=self.device)
+                m.dora_mask |= bit  # first, as for slots_mask
+                m.dora[slot].copy_(self.row_scale(layer, proj, lora_a, lora_b, float(m.scale[slot]), magnitude))
         self.slot_rank[slot] = adapter.spec.rank

@@ -77,6 +77,16 @@ class Metrics(EngineObserver):
             "lorad_device_memory_allocated_bytes", "torch.cuda.memory_allocated (0 on CPU).", registry=r)
         self.device_reserved = Gauge(
             "lorad_device_memory_reserved_bytes", "torch.cuda.memory_reserved (0 on CPU).", registry=r)
+        self.adapter_actions = Counter(
+            "lorad_adapter_actions_total", "Adapter management actions: load, unload, delete, replace, upload.",
+            ["action"], registry=r)
+        self.transport_requests = Counter(
+            "lorad_transport_requests_total",
+            "Generation requests by transport (grpc, http) and outcome (ok, cancelled, error).",
+            ["transport", "outcome"], registry=r)
+        self.transport_duration = Histogram(
+            "lorad_transport_request_seconds", "Receipt to last event of a generation request, by transport.",
+            ["transport"], buckets=LATENCY_BUCKETS, registry=r)
         self.rss = Gauge("lorad_process_resident_memory_bytes", "Resident memory of the server process.", registry=r)
         self.rss.set_function(_process_rss_bytes)
         self._http = None
@@ -90,7 +100,8 @@ class Metrics(EngineObserver):
             self.device_reserved.set_function(lambda: torch.cuda.memory_reserved(device))
 
     def watch_adapters(self, snapshot, with_ids: bool) -> None:
-        """Export adapter residency from the engine's published snapshot (a callable returning it)."""
+        """Export adapter residency (tiers, pins, bytes; ids with with_ids) from the snapshot the adapter
+        manager publishes (a callable returning it, None while the base loads)."""
         self.registry.register(AdapterResidencyCollector(snapshot, with_ids))
 
     def serve(self, host: str, port: int, readiness: Readiness | None = None) -> int:
@@ -103,6 +114,11 @@ class Metrics(EngineObserver):
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+    def transport_request(self, transport: str, outcome: str, seconds: float) -> None:
+        """One generation request ended at a transport (lorad.server.frontend's on_done)."""
+        self.transport_requests.labels(transport, outcome).inc()
+        self.transport_duration.labels(transport).observe(seconds)
 
     # --- EngineObserver ---------------------------------------------------------------------
 
@@ -147,3 +163,6 @@ class Metrics(EngineObserver):
     def slots(self, used: int, total: int) -> None:
         self.slots_used.set(used)
         self.slots_total.set(total)
+
+    def adapter_event(self, kind: str) -> None:
+        self.adapter_actions.labels(kind).inc()

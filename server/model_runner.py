@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from lorad.cpu_features import detect as detect_cpu
 from lorad.geometry import ModelGeometry
-from lorad.kernels import LoRABatchMeta, add_lora, resolve_backend
+from lorad.kernels import LoRABatchMeta, add_lora, lora_expand_dora, lora_shrink, resolve_backend
 
 from lorad.server.kv_cache import KVCache
 from lorad.server.lora_slots import LoRASlotPool
@@ -44,6 +44,41 @@ from lorad.server.projections import GroupBuilder, LogitsHead
 GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)),
           ("gate_up", ("gate_proj", "up_proj")), ("down", ("down_proj",)))
 _MEMBERS = dict(GROUPS)
+
+
+def _weight_row_sq(group, dtype: torch.dtype) -> torch.Tensor:
+    """||W_row||^2 [sum of out_features] float32 of a projection group as it is served
+    (lorad.server.projections), the rows of its members one after another.
+
+    A group that holds its weight (dense, or NF4 dequantized once) is read directly; an NF4 weight
+    repacked for bitsandbytes' fused CPU kernel can only be read through that kernel: W^T is then
+    the group applied to the identity, in blocks of rows (the identity is exact in bf16, and the
+    kernel accumulates in fp32). NF4 modules called one by one are dequantized by bitsandbytes
+    (their weight is still in its own layout)."""
+    weight = getattr(group, "weight", None)
+    if weight is not None and weight.is_floating_point():  # DenseGroup, DequantizedNF4: [N, K]
+        return weight.float().square().sum(1)
+    modules = getattr(group, "modules", None)
+    if modules is not None and not any(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)
+                                       for m in modules):  # ModuleGroup
+        import bitsandbytes.functional as bnbf
+
+        def rows(m):
+            state = getattr(m.weight, "quant_state", None)
+            w = m.weight if state is None else bnbf.dequantize_4bit(m.weight.data, state)
+            return w.float().square().sum(1)
+
+        return torch.cat([rows(m) for m in modules])
+    in_f = group.in_features if hasattr(group, "in_features") else modules[0].in_features
+    device = weight.device if weight is not None else modules[0].weight.device
+    total = None
+    for start in range(0, in_f, 512):
+        n = min(512, in_f - start)
+        eye = torch.zeros(n, in_f, dtype=dtype, device=device)  # [n, H_in]: rows start .. start + n of I
+        eye[torch.arange(n), torch.arange(start, start + n)] = 1
+        part = group(eye).float().square().sum(0)  # [N]: rows of W^T, squared and summed
+        total = part if total is None else total + part
+    return total
 
 
 @dataclass
@@ -128,6 +163,8 @@ class LlamaRunner:
                 width = geometry.projection_shape(p)[1]
                 self.columns[p] = (offset, width)
                 offset += width
+        self._row_sq: dict[tuple[int, str], torch.Tensor] = {}  # ||W_row||^2 per group, for DoRA, on first use
+        pool.row_scale = self.dora_row_scale
         # RoPE tables for every position the cache can hold, from the model's own rotary
         # module (so llama3 / linear / dynamic-free scaling variants come out right).
         # rotate_half(x) * sin == roll(x, D/2) * sin_signed, with the first half of sin negated.
@@ -152,7 +189,31 @@ class LlamaRunner:
         if slots.slots_mask & batch.active_slots_mask:
             offset, width = self.columns[proj]
             a, b = slots.rank_slice(batch.lora_rank)  # [S, r, H_in], [S, r, H_out]
-            add_lora(y[:, offset : offset + width], x, a, b, slots.scale, batch.lora_meta, backend=self.lora_backend)
+            y = y[:, offset : offset + width]
+            if slots.dora_mask & batch.active_slots_mask:  # DoRA: the sum is scaled per slot and output row
+                v = lora_shrink(x, a, batch.lora_meta, backend=self.lora_backend)
+                lora_expand_dora(y, v, b, slots.scale, slots.dora, batch.lora_meta, backend=self.lora_backend)
+            else:
+                add_lora(y, x, a, b, slots.scale, batch.lora_meta, backend=self.lora_backend)
+
+    def dora_row_scale(self, layer: int, name: str, lora_a, lora_b, scale: float, magnitude) -> torch.Tensor:
+        """m / ||W + scale B A||_row, float32 [H_out] (lorad.kernels.dora.dora_row_scale), from
+        ||W_row||^2 kept once per group and W A^T taken through the served group itself, so no
+        dequantized copy of the base is needed:
+            ||W + s B A||^2_row = ||W||^2_row + 2 s rowsum(B * (W A^T)) + s^2 rowsum((B A A^T) * B)"""
+        a = lora_a.to(self.device, torch.float32)  # [r, H_in]
+        b = lora_b.to(self.device, torch.float32)  # [H_out, r]
+        group_name = next(g for g, projs in GROUPS if name in projs)
+        group = self.layers[layer].groups[group_name]
+        offset, width = self.columns[name]
+        with torch.inference_mode():
+            wa = group(a.to(self.dtype))[:, offset : offset + width].float().t()  # [H_out, r] = W A^T
+            row_sq = self._row_sq.get((layer, group_name))
+            if row_sq is None:
+                row_sq = self._row_sq[(layer, group_name)] = _weight_row_sq(group, self.dtype)
+        row_sq = row_sq[offset : offset + width]
+        norm_sq = row_sq + 2 * scale * (b * wa).sum(1) + scale**2 * ((b @ (a @ a.t())) * b).sum(1)
+        return (magnitude.to(self.device, torch.float32) / norm_sq.clamp(min=0).sqrt()).contiguous()
 
     def _project(self, layer: int, group: str, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         y = self.layers[layer].groups[group](x)  # [T, sum of widths]

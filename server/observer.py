@@ -31,3 +31,6 @@ class EngineObserver:
         """into: 'host' (read from disk) or 'device' (copied into a slot)."""
 
     def slots(self, used: int, total: int) -> None: ...
+
+    def adapter_event(self, kind: str) -> None:
+        """kind: load | unload | delete | replace | upload (management actions, counted)."""

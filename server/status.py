@@ -1,19 +1,26 @@
-"""lorad errors -> gRPC status codes. The only place that knows both."""
+"""lorad errors -> gRPC status codes -> HTTP statuses. The only place that knows them together:
+the HTTP API (lorad.server.openai_api) answers every error with the HTTP status of the gRPC code
+the same error gets, so both transports always agree."""
 
 from __future__ import annotations
 
 import grpc
 
 from lorad.errors import (
+    AdapterExistsError,
     AdapterNotFoundError,
     ClientTooSlowError,
     ConfigError,
     DeadlineExceededError,
     EngineStoppedError,
     InvalidAdapterError,
+    IntegrityError,
     InvalidRequestError,
+    LimitExceededError,
     LoradError,
+    PermissionDeniedError,
     QueueFullError,
+    UnauthenticatedError,
 )
 
 _CODES: list[tuple[type, grpc.StatusCode]] = [
@@ -25,7 +32,34 @@ _CODES: list[tuple[type, grpc.StatusCode]] = [
     (InvalidAdapterError, grpc.StatusCode.FAILED_PRECONDITION),
     (EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (AdapterExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (IntegrityError, grpc.StatusCode.DATA_LOSS),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
 ]
+
+
+# gRPC code -> HTTP status, as google.rpc.Code documents the pairs (CANCELLED: nginx's 499)
+_HTTP: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_status_for(error: BaseException) -> int:
+    """The HTTP status for an error: that of its gRPC code (500 for anything unmapped)."""
+    return _HTTP.get(status_for(error), 500)
 
 
 def status_for(error: BaseException) -> grpc.StatusCode:

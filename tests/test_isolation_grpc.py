@@ -247,11 +247,14 @@ METHODS = {  # full method name -> (request streaming?, response streaming?)
 }
 
 
-@pytest.mark.parametrize("raw", RAW)
-@pytest.mark.parametrize("method", METHODS)
+# bad UTF-8 in fields 1 and 3 only breaks GenerateRequest; for the other request types those
+# bytes are a valid message (unknown or bytes fields), so the pair is not a case
+CASES = [(method, raw) for method in METHODS for raw in RAW
+         if "Generator/Generate" in method or not raw.startswith("bad_utf8")]
+
+
+@pytest.mark.parametrize(("method", "raw"), CASES)
 def test_bytes_that_do_not_parse_are_invalid_argument_with_a_sentence(server, method, raw):
-    if "Generator/Generate" not in method and raw.startswith("bad_utf8"):
-        pytest.skip("those bytes are a valid message of this type")
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     with channel:
         if METHODS[method]:

@@ -3,6 +3,8 @@ hardware resolution of `auto`, and the CLI's handling of bad configs. No model i
 
 from __future__ import annotations
 
+import time
+
 from pathlib import Path
 
 import pytest
@@ -92,8 +94,8 @@ def test_unknown_key_names_it_and_the_closest_known_key(raw, expected):
 
 
 def test_unknown_key_without_a_close_match_lists_the_known_keys():
-    message = error_of(base(wandb_project="x"))
-    assert message.startswith("wandb_project: unknown key; known keys:") and "lora_r" in message
+    message = error_of(base(xyzzy=1))
+    assert message.startswith("xyzzy: unknown key; known keys:") and "lora_r" in message
 
 
 @pytest.mark.parametrize(
@@ -111,6 +113,25 @@ def test_unknown_key_without_a_close_match_lists_the_known_keys():
         (base(optimizer="adamw_bnb_8bt"), "did you mean 'adamw_bnb_8bit'?"),
         (base(lr_scheduler="cosin"), "lr_scheduler: 'cosin' is not one of"),
         (base(lora_target_modules=["lm_head"]), "lora_target_modules: 'lm_head' cannot be served by lorad"),
+        (base(lora_target_modules="model.layers.(0.q_proj"), "lora_target_modules: 'model.layers.(0.q_proj' is not a valid regular expression"),
+        (base(peft_init_lora_weights="pisa"), "peft_init_lora_weights: 'pisa' is not true, false, gaussian, pissa, olora, loftq or pissa_niter_<K>; did you mean 'pissa'?"),
+        (base(peft_init_lora_weights="pissa"), "peft_init_lora_weights: pissa rewrites the base weights it starts from, which an NF4 base cannot hold exactly; use adapter: lora"),
+        (base(adapter="lora", peft_init_lora_weights="olora", peft_use_dora=True), "olora with peft_use_dora cannot be converted"),
+        (base(adapter="lora", peft_init_lora_weights="loftq"), "peft_init_lora_weights: loftq starts LoRA at the NF4 quantization error of the base; it needs a quantized base"),
+        (base(loftq_config={"loftq_bits": 2}), "loftq_config.loftq_bits: 2 bits; lorad's quantized base is NF4"),
+        (base(loftq_config={"loftq_iter": 5}), "loftq_config.loftq_iter: LoftQ's alternating iterations re-quantize the base"),
+        (base(peft_init_lora_weights="gaussian", loftq_config={}), "loftq_config: set, but peft_init_lora_weights is 'gaussian', not 'loftq'"),
+        (base(peft={"backend": "torchao"}), "axolotl key 'peft.backend' is not supported by lorad train"),
+        (base(bias="some"), "bias: 'some' is not one of 'none' | 'all' | 'lora_only'"),
+        (base(adam_beta2=1.0), "adam_beta2: must be in [0, 1), got 1.0"),
+        (base(adam_epsilon=0), "adam_epsilon: must be positive"),
+        (base(lr_scheduler="reduce_lr_on_plateau"), "lr_scheduler: reduce_lr_on_plateau follows the eval loss; set val_set_size"),
+        (base(attn_implementation="flash"), "attn_implementation: 'flash' is not one of 'sdpa' | 'eager' | 'flash_attention_2'"),
+        (base(flash_attention=True, attn_implementation="eager"), "flash_attention: true asks for flash_attention_2, but attn_implementation is 'eager'"),
+        (base(eval_steps=3, evals_per_epoch=2), "eval_steps and evals_per_epoch: set one of them, not both"),
+        (base(deepspeed="zero2.json"), "axolotl key 'deepspeed' is not supported by lorad train: use data parallelism (torchrun"),
+        (base(special_tokens={"pad_token": "<pad>"}), "axolotl key 'special_tokens' is not supported by lorad train: an adapter cannot change the tokenizer"),
+        (base(wandb_project="runs"), "axolotl key 'wandb_project' is not supported by lorad train: lorad writes metrics.jsonl"),
         (base(lora_target_modules=["q_prj"]), "(did you mean 'q_proj'?)"),
         (base(val_set_size=2.5), "val_set_size: 2.5 must be a fraction"),
         (base(bf16="yes"), "bf16: 'yes' is not bool or 'auto'"),
@@ -212,8 +233,95 @@ def test_cli_reports_invalid_yaml_and_missing_file(tmp_path):
     assert result.exit_code == 1 and "does not exist" in result.output
 
 
-def test_push_is_refused_clearly_until_the_server_offers_uploads():
-    result = invoke(str(EXAMPLE), "--push", "127.0.0.1:50051")
+def test_push_to_an_unreachable_server_fails_before_training(tmp_path):
+    """(tests/test_train_push.py trains and pushes to a real server.)"""
+    started = time.perf_counter()
+    result = invoke(str(EXAMPLE), "--push", "127.0.0.1:1", "--set", f"output_dir={tmp_path / 'out'}")
     assert result.exit_code == 1
-    assert "--push 127.0.0.1:50051: lorad serve does not accept adapter uploads yet" in result.output
-    assert "--adapters" in result.output
+    assert "--push 127.0.0.1:1: the server cannot be reached" in result.output and "nothing was trained" in result.output
+    assert not (tmp_path / "out").exists() and time.perf_counter() - started < 60
+
+
+# ---- round two: names from transformers, targets, variants, axolotl keys ----------------------
+
+
+def test_every_optimizer_and_scheduler_name_of_transformers_is_accepted():
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    assert len(OptimizerNames) > 30 and len(SchedulerType) > 10  # the enums, not a copy of a few names
+    for name in OptimizerNames:
+        assert config_from_dict(base(optimizer=name.value)).optimizer in (name.value, "adamw_bnb_8bit")
+    for name in SchedulerType:
+        extra = {"val_set_size": 0.2} if name.value in ("reduce_lr_on_plateau", "greedy") else {}
+        assert config_from_dict(base(lr_scheduler=name.value, **extra)).lr_scheduler == name.value
+    assert "did you mean 'lion_8bit'?" in error_of(base(optimizer="lion8bit"))
+    assert "did you mean 'cosine_with_min_lr'?" in error_of(base(lr_scheduler="cosine_with_minlr"))
+
+
+def test_axolotl_keys_that_ask_for_nothing_are_ignored_and_named():
+    cfg = config_from_dict(base(deepspeed=None, wandb_project="", hub_model_id=None, strict=False,
+                                model_type="LlamaForCausalLM", tokenizer_type="AutoTokenizer"))
+    assert set(cfg._ignored) == {"deepspeed", "wandb_project", "hub_model_id", "strict", "model_type", "tokenizer_type"}
+
+
+def test_target_regexes_pick_modules_by_path():
+    cfg = config_from_dict(base(lora_target_modules=r"model\.layers\.(0|1)\..*\.(q|v)_proj"))
+    assert cfg.target_modules == ["q_proj", "v_proj"]
+    import re
+
+    regex = re.compile(cfg.target_patterns)
+    assert regex.fullmatch("model.layers.1.self_attn.v_proj") and not regex.fullmatch("model.layers.2.self_attn.v_proj")
+    # names and path suffixes mix; plain names keep PEFT's list rule (exact or ".name" suffix)
+    cfg = config_from_dict(base(lora_target_modules=["q_proj", "mlp.down_proj"]))
+    assert cfg.target_modules == ["q_proj", "down_proj"]
+    regex = re.compile(cfg.target_patterns)
+    assert regex.fullmatch("model.layers.7.mlp.down_proj") and not regex.fullmatch("model.layers.7.self_attn.o_proj")
+    assert config_from_dict(base(lora_target_modules=["v_proj", "q_proj"])).target_patterns == ["q_proj", "v_proj"]
+
+
+def test_axolotl_loftq_config_asks_for_loftq():
+    cfg = config_from_dict(base(peft={"loftq_config": {"loftq_bits": 4}}))
+    assert cfg.peft_init_lora_weights == "loftq" and cfg.loftq_config == {"loftq_bits": 4}
+    assert config_from_dict(base(adapter="lora", peft_init_lora_weights="pissa_niter_4")).peft_init_lora_weights == "pissa_niter_4"
+
+
+def test_axolotl_attention_switches():
+    assert config_from_dict(base(flash_attention=True)).attn_implementation == "flash_attention_2"
+    assert config_from_dict(base(sdp_attention=True)).attn_implementation == "sdpa"
+    assert config_from_dict(base()).attn_implementation == "sdpa"
+
+
+def test_flash_attention_fails_clearly_on_this_machine():
+    from lorad.trainer.optim import check_attention
+
+    cfg = config_from_dict(base(flash_attention=True))
+    precision = resolve_precision(cfg, "cpu")
+    with pytest.raises(ConfigError, match="attn_implementation: flash_attention_2 runs on CUDA GPUs only"):
+        check_attention(cfg, "cpu", precision)
+    check_attention(config_from_dict(base(attn_implementation="eager")), "cpu", precision)  # nothing to check
+
+
+def test_scheduler_kwargs_are_checked_against_the_schedule():
+    from lorad.trainer.optim import check_schedule
+
+    check_schedule(config_from_dict(base(lr_scheduler="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1})), 10, 2)
+    with pytest.raises(ConfigError, match="lr_scheduler_kwargs: .* do not fit lr_scheduler cosine_with_min_lr"):
+        check_schedule(config_from_dict(base(lr_scheduler="cosine_with_min_lr")), 10, 2)  # needs min_lr or min_lr_rate
+    with pytest.raises(ConfigError, match="lr_scheduler_kwargs: .*'cycles'.* do not fit lr_scheduler cosine"):
+        check_schedule(config_from_dict(base(lr_scheduler="cosine", lr_scheduler_kwargs={"cycles": 2})), 10, 2)
+
+
+def test_an_optimizer_whose_package_is_missing_is_a_config_error(tiny_base):
+    import importlib.util
+
+    from transformers import TrainingArguments
+
+    from lorad.trainer.optim import check_optimizer
+
+    if importlib.util.find_spec("galore_torch") is not None:
+        pytest.skip("galore-torch is installed here")
+    args = TrainingArguments(output_dir="/tmp/unused", optim="galore_adamw", optim_target_modules=["q_proj"],
+                             use_cpu=True, report_to="none")
+    with pytest.raises(ConfigError, match="optimizer: galore_adamw cannot be used here: .*galore"):
+        check_optimizer(args, tiny_base.model)

@@ -14,7 +14,7 @@ from lorad.trainer.config import config_from_dict
 from lorad.trainer.data import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, IGNORE, prepare_data
 from lorad.trainer.errors import DataError
 from lorad.trainer.packing import RowCollator, pack_rows, shifted_targets
-from trainer_helpers import write_jsonl
+from trainer_helpers import dataset_repository_copy, hub_offline, write_jsonl
 
 SYSTEM = "You are an amazing storyteller. From the following synopsis, create an engaging story."
 STORY_TYPE = {
@@ -212,10 +212,9 @@ def test_bad_rows_name_file_row_and_field(tmp_path, tokenizer):
 def test_bad_files_say_what_lorad_reads(tmp_path, tokenizer):
     assert "unknown file type '.txt'" in data_error(tmp_path, tokenizer, "a\n", name="d.txt")
     assert "has no rows" in data_error(tmp_path, tokenizer, "\n\n", name="d.jsonl")
-    with pytest.raises(DataError, match="does not exist; lorad train reads local files only"):
-        prepare_data(config_from_dict({"datasets": [{"path": "org/hub-dataset"}]}), tokenizer)
     (tmp_path / "plain").mkdir()
-    with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
+    with pytest.raises(DataError, match="a folder, but neither one written by datasets' save_to_disk .* nor a dataset "
+                                        "repository datasets can read"):
         prepare_data(config_from_dict({"datasets": [{"path": str(tmp_path / "plain")}]}), tokenizer)
     assert "leaves no training rows" in data_error(tmp_path, tokenizer, [{"text": "a"}], val_set_size=1)
 
@@ -305,8 +304,70 @@ def test_linear_cross_entropy_matches_torch_in_value_and_gradient(monkeypatch, c
     torch.testing.assert_close(grad, h.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_linear_cross_entropy_refuses_a_trainable_head():
-    from lorad.trainer.loss import linear_cross_entropy
+def test_linear_cross_entropy_trains_the_head_when_it_requires_grad(monkeypatch):
+    """lora_modules_to_save: [lm_head] makes the head trainable: its gradient must equal torch's."""
+    import torch.nn.functional as F
 
-    with pytest.raises(AssertionError, match="frozen"):
-        linear_cross_entropy(torch.randn(2, 4), torch.randn(8, 4, requires_grad=True), torch.tensor([1, 2]))
+    import lorad.trainer.loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 7 * 1000)  # several chunks accumulate the weight gradient
+    torch.manual_seed(1)
+    h = torch.randn(50, 16, requires_grad=True)
+    w = torch.randn(1000, 16, requires_grad=True)
+    t = torch.randint(0, 1000, (50,))
+    (loss_mod.linear_cross_entropy(h, w, t) * 0.5).backward()
+    ours_h, ours_w = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    (F.cross_entropy(h @ w.T, t, reduction="sum") * 0.5).backward()
+    torch.testing.assert_close(ours_h, h.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_w, w.grad, rtol=1e-5, atol=1e-5)
+    assert w.grad.abs().sum() > 0
+
+
+# ---- datasets that are not local files: the hub, and local copies of dataset repositories -------
+
+
+@pytest.fixture(autouse=True)
+def offline():
+    """No hub in any test here (trainer_helpers.hub_offline)."""
+    with hub_offline():
+        yield
+
+
+STORY_ROWS = [{"system": "", "synopsis": f"Story {i}.", "short_story": f"It ended {i}."} for i in range(4)]
+
+
+def test_a_hub_dataset_offline_says_it_could_not_be_fetched_and_how_to_use_a_local_copy(tokenizer):
+    cfg = config_from_dict({"datasets": [{"path": "jaydenccc/AI_Storyteller_Dataset", "type": STORY_TYPE}]})
+    with pytest.raises(DataError) as info:
+        prepare_data(cfg, tokenizer)
+    msg = str(info.value)
+    assert msg.startswith("dataset path 'jaydenccc/AI_Storyteller_Dataset' is not a local file or folder, so lorad "
+                          "read it as a hub dataset, and datasets could not fetch it (")
+    assert "huggingface-cli download --repo-type dataset jaydenccc/AI_Storyteller_Dataset --local-dir DIR" in msg
+    assert "`path: DIR`" in msg and "--set datasets.N.path=DIR" in msg
+
+
+def test_a_local_copy_of_a_dataset_repository_reads_like_a_file(tmp_path, tokenizer):
+    reference = prepare(tmp_path, tokenizer, STORY_ROWS, STORY_TYPE).digest
+    held_out = [dict(r, synopsis="Test " + r["synopsis"]) for r in STORY_ROWS[:2]]
+    repo = dataset_repository_copy(tmp_path / "AI_Storyteller_Dataset", {"train": STORY_ROWS, "test": held_out})
+    read = lambda **ds: prepare_data(config_from_dict({"datasets": [{"path": str(repo), "type": STORY_TYPE, **ds}]}), tokenizer)  # noqa: E731
+    assert read().digest == reference
+    assert [prompt_text(tokenizer, s) for s in read(split="test").train] == [
+        SYSTEM + f"<|user|> Test Story {i}. </s>\n<|assistant|>" for i in range(2)]
+    assert read(data_files={"train": "data/train-*.parquet"}).digest == reference
+    with pytest.raises(DataError, match="validation"):
+        read(split="validation")
+
+
+def test_dataset_name_picks_a_configuration(tmp_path, tokenizer):
+    readme = ("---\nconfigs:\n- config_name: short\n  data_files: short/*.jsonl\n"
+              "- config_name: long\n  data_files: long/*.jsonl\n---\n")
+    repo = tmp_path / "two-configs"
+    write_jsonl(repo / "short" / "part.jsonl", [{"text": "tiny"}])
+    write_jsonl(repo / "long" / "part.jsonl", [{"text": "a much longer text than the short one"}])
+    (repo / "README.md").write_text(readme)
+    for name, text in (("short", "tiny"), ("long", "a much longer text than the short one")):
+        data = prepare_data(config_from_dict({"datasets": [{"path": str(repo), "name": name}]}), tokenizer)
+        assert tokenizer.decode(data.train[0].input_ids) == text + "<|im_end|>"

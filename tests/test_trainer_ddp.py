@@ -37,6 +37,7 @@ CONFIG = {
     "base_model": "smollm2-135m-instruct",
     "adapter": "qlora",
     "sequence_len": 64,
+    "sample_packing": False,  # one sample per row: the step arithmetic below counts rows
     "lora_r": 4,
     "lora_alpha": 8,
     "lora_target_modules": ["q_proj", "v_proj"],

@@ -48,6 +48,7 @@ FACT_CONFIG = {
     "adapter": "qlora",
     "load_in_4bit": True,
     "sequence_len": 128,
+    "sample_packing": False,  # one sample per row, as the test reasons about rows
     "lora_r": 16,
     "lora_alpha": 32,
     "lora_dropout": 0.0,

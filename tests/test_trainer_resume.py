@@ -38,6 +38,7 @@ CONFIG = {
     "base_model": "smollm2-135m-instruct",
     "adapter": "qlora",
     "sequence_len": 64,
+    "sample_packing": False,  # one sample per row: the step arithmetic below counts rows
     "lora_r": 4,
     "lora_alpha": 8,
     "lora_dropout": 0.1,
@@ -94,7 +95,7 @@ def uninterrupted(workdir) -> Path:
     return workdir / "straight"
 
 
-TIMINGS = ("tokens_per_s", "step_time_s", "elapsed_s")
+TIMINGS = ("tokens_per_s", "step_time_s", "elapsed_s", "peak_rss_mib", "peak_allocated_mib", "peak_reserved_mib")  # measured, not computed
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -228,14 +229,15 @@ def test_a_second_adapter_on_the_model_is_refused(tiny_base):
 
     from peft import get_peft_model
 
+    from lorad.trainer.adapter import check_single_adapter, lora_config_for, lora_modules
     from lorad.trainer.config import config_from_dict
     from lorad.trainer.errors import CheckpointError
-    from lorad.trainer.memory import lora_config_for
-    from lorad.trainer.recipe import _check_single_adapter
 
     cfg = config_from_dict({"datasets": [{"path": "d"}], "lora_target_modules": ["q_proj", "v_proj"]})
     model = get_peft_model(copy.deepcopy(tiny_base.model), lora_config_for(cfg))
-    _check_single_adapter(model, cfg)  # one adapter: fine
+    modules = lora_modules(model, cfg)
+    assert len(modules) == 2 * 2  # tiny Llama: 2 layers x (q, v)
+    check_single_adapter(model, modules)  # one adapter: fine
     model.add_adapter("second", lora_config_for(cfg))
     with pytest.raises(CheckpointError, match="an adapter was applied on top of another"):
-        _check_single_adapter(model, cfg)
+        check_single_adapter(model, modules)

@@ -131,3 +131,60 @@ def cli_train(*args: str, check: bool = True, threads: int = 1):
     if check and result.exit_code != 0:
         raise AssertionError(f"lorad train {' '.join(args)} exited {result.exit_code}\n{result.output[-6000:]}")
     return result
+
+
+def tiny_base_dir() -> Path:
+    """A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer, saved once as a transformers
+    checkpoint folder under the lorad cache, for `base_model:` in fast trainer tests (a training
+    step takes milliseconds instead of seconds; NF4 works on it too)."""
+    import fcntl
+
+    from transformers import AutoTokenizer
+
+    from lorad.base_model import cache_dir, embedded_model_dir
+    from lorad.testing import tiny_llama
+
+    target = cache_dir() / "test-bases" / "tiny-llama-2x64-v1"
+    if (target / ".complete").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".tiny.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / ".complete").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+            model = tiny_llama(len(tokenizer), seed=0)
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            model.save_pretrained(target)
+            tokenizer.save_pretrained(target)
+            (target / ".complete").write_text("ok\n")
+    return target
+
+
+@contextlib.contextmanager
+def hub_offline():
+    """No hub for code run in this process, whatever the environment: datasets and huggingface_hub
+    read their offline flags at import, so the flags are patched as well as set."""
+    import datasets
+    import huggingface_hub.constants as hub_constants
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            mp.setenv(key, "1")
+        mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        mp.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+        mp.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+        yield
+
+
+def dataset_repository_copy(folder: Path, splits: dict[str, list[dict]], readme: str = "# a dataset\n") -> Path:
+    """A folder laid out like a dataset repository on the hub (what `huggingface-cli download
+    --repo-type dataset` writes): README.md and data/<split>-00000-of-00001.parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "data").mkdir(parents=True)
+    (folder / "README.md").write_text(readme)
+    for split, rows in splits.items():
+        pq.write_table(pa.Table.from_pylist(rows), folder / "data" / f"{split}-00000-of-00001.parquet")
+    return folder

@@ -141,16 +141,17 @@ def latest_checkpoint(output_dir: str | Path) -> Checkpoint | None:
     return found[-1] if found else None
 
 
-def resolve_resume(output_dir: str | Path, explicit: str | None) -> Checkpoint:
-    """--resume (latest complete checkpoint of the run) or --resume-from PATH."""
+def resolve_resume(output_dir: str | Path, explicit: str | None, flag: str = "--resume-from") -> Checkpoint:
+    """--resume (latest complete checkpoint of the run), --resume-from PATH or --init-from PATH."""
     if explicit is not None:
         path = Path(explicit)
         if not path.is_dir():
-            raise CheckpointError(f"--resume-from {explicit}: no such checkpoint folder")
+            raise CheckpointError(f"{flag} {explicit}: no such checkpoint folder")
         if not is_complete(path):
             raise CheckpointError(
-                f"--resume-from {explicit}: not a complete checkpoint (no valid {MARKER} marker: the save that wrote "
-                "it did not finish); pick another one or use --resume for the latest complete one"
+                f"{flag} {explicit}: not a complete checkpoint (no valid {MARKER} marker on a checkpoint-N folder: "
+                "the save that wrote it did not finish, or it is not a checkpoint); pick another one"
+                + (" or use --resume for the latest complete one" if flag == "--resume-from" else "")
             )
         return Checkpoint(path, int(_NAME.match(path.name).group(1)))
     root = checkpoint_root(output_dir)

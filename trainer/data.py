@@ -1,6 +1,6 @@
 """Rows from local files -> tokenized samples with labels only on the response.
 
-    rows (JSON / JSONL / CSV / Parquet / datasets folder)
+    rows (JSON / JSONL / CSV / Parquet / datasets folder / hub dataset via datasets.load_dataset)
       -> segments [(text, trained?)]       by the dataset's type (custom mapping, alpaca,
                                            chat_template, completion)
       -> Sample(input_ids, labels)         labels = -100 on prompt tokens, the token id on
@@ -153,41 +153,87 @@ def _read_parquet(path: Path) -> list[tuple[dict, str]]:
     return [(row, f"{path}[{i}]") for i, row in enumerate(table.to_pylist())]
 
 
-def _read_datasets_folder(path: Path, split: str) -> list[tuple[dict, str]]:
+def _is_saved_dataset(path: Path) -> bool:
+    """A folder written by datasets' save_to_disk (a Dataset or a DatasetDict)."""
+    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _rows_of_dataset(loaded, where: str, ds: DatasetConfig) -> list[tuple[dict, str]]:
     import datasets
 
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except FileNotFoundError as exc:
-        raise DataError(
-            f"{path}: a folder, but not one written by datasets' save_to_disk (no dataset_info.json / "
-            "dataset_dict.json); point path at a .json, .jsonl, .csv or .parquet file instead"
-        ) from exc
     if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise DataError(f"{path}: has splits {', '.join(loaded)}, not {split!r}; set split: in the dataset entry")
-        loaded = loaded[split]
-    return [(row, f"{path}[{i}]") for i, row in enumerate(loaded.to_list())]
+        if ds.split not in loaded:
+            raise DataError(f"{where}: has splits {', '.join(loaded)}, not {ds.split!r}; set split: in the dataset entry")
+        loaded = loaded[ds.split]
+    return [(row, f"{where}[{i}]") for i, row in enumerate(loaded.to_list())]
+
+
+def _read_saved_dataset(path: Path, ds: DatasetConfig) -> list[tuple[dict, str]]:
+    import datasets
+
+    return _rows_of_dataset(datasets.load_from_disk(str(path)), str(path), ds)
+
+
+def _folder_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.relative_to(path).parts):
+        h.update(p.relative_to(path).as_posix().encode() + b"\0" + _sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def local_copy_hint(ds: DatasetConfig) -> str:
+    return (
+        "Point path at a local copy: where the hub is reachable, run "
+        f"`huggingface-cli download --repo-type dataset {ds.path} --local-dir DIR` "
+        f"(or `datasets.load_dataset({ds.path!r}).save_to_disk('DIR')`), bring DIR here and set "
+        "`path: DIR` in the dataset entry (or `--set datasets.N.path=DIR`); a .json, .jsonl, .csv or .parquet "
+        "file works too"
+    )
+
+
+def _load_dataset(ds: DatasetConfig, source: str, *, local: bool) -> list[tuple[dict, str]]:
+    """datasets.load_dataset with axolotl's keys: a hub id, or a local copy of a dataset repository."""
+    import datasets
+
+    kwargs = {"name": ds.name, "split": ds.split, "data_files": ds.data_files, "revision": ds.revision}
+    try:
+        loaded = datasets.load_dataset(source, **{k: v for k, v in kwargs.items() if v is not None})
+    except ValueError as exc:  # a wrong split / name: datasets names the choices
+        raise DataError(f"dataset {ds.path!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types (ConnectionError, FileNotFoundError, ...)
+        if local:
+            raise DataError(
+                f"{source}: a folder, but neither one written by datasets' save_to_disk (no dataset_info.json / "
+                "dataset_dict.json) nor a dataset repository datasets can read (data files such as data/*.parquet, "
+                f"*.jsonl or *.csv): {exc}. Point path at a .json, .jsonl, .csv or .parquet file instead"
+            ) from exc
+        reason = f"{type(exc).__name__}: {exc}"
+        raise DataError(
+            f"dataset path {ds.path!r} is not a local file or folder, so lorad read it as a hub dataset, and datasets "
+            f"could not fetch it ({reason}). " + local_copy_hint(ds)
+        ) from exc
+    where = f"{ds.path}" + (f"[{ds.name}]" if ds.name else "")
+    return _rows_of_dataset(loaded, where, ds)
 
 
 READERS = {"json": _read_json, "jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}
 
 
 def read_rows(ds: DatasetConfig) -> tuple[list[tuple[dict, str]], str]:
-    """All rows of one dataset entry with their "file:row" locations, and the file's sha256."""
+    """All rows of one dataset entry with their "file:row" locations, and a sha256 of the source.
+
+    A local file goes through lorad's readers (errors name the line); a local folder is a
+    save_to_disk folder or a copy of a dataset repository; anything else is a hub dataset."""
     path = Path(ds.path).expanduser()
     if not path.exists():
-        raise DataError(
-            f"dataset path {ds.path!r} does not exist; lorad train reads local files only "
-            "(.json, .jsonl, .csv, .parquet, or a folder written by datasets' save_to_disk)"
-        )
-    if path.is_dir() or ds.ds_type == "arrow":
-        rows = _read_datasets_folder(path, ds.split)
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        h = hashlib.sha256()
-        for p in files:
-            h.update(p.relative_to(path).as_posix().encode() + b"\0" + _sha256_file(p).encode())
-        digest = h.hexdigest()
+        rows = _load_dataset(ds, ds.path, local=False)
+        h = hashlib.sha256(json.dumps([ds.path, ds.name, ds.split, ds.data_files, ds.revision]).encode())
+        for row, _ in rows:
+            h.update(json.dumps(row, sort_keys=True, default=str).encode())
+        digest = h.hexdigest()  # over the rows read: a hub dataset has no one file to hash
+    elif path.is_dir() or ds.ds_type == "arrow":
+        rows = _read_saved_dataset(path, ds) if _is_saved_dataset(path) else _load_dataset(ds, str(path), local=True)
+        digest = _folder_digest(path)
     else:
         kind = ds.ds_type or path.suffix.lower().lstrip(".")
         reader = READERS.get(kind)
@@ -206,6 +252,18 @@ def read_rows(ds: DatasetConfig) -> tuple[list[tuple[dict, str]], str]:
         if not isinstance(row, dict):
             raise DataError(f"{where}: a row must be an object with named fields, got {type(row).__name__}")
     return rows, digest
+
+
+@dataclass
+class RawDataset:
+    config: DatasetConfig
+    rows: list[tuple[dict, str]]  # (row, "file:row")
+    digest: str  # sha256 of the source
+
+
+def read_datasets(cfg: TrainConfig) -> list[RawDataset]:
+    """Every dataset entry's rows, read before any model is loaded so a missing dataset fails fast."""
+    return [RawDataset(ds, *read_rows(ds)) for ds in cfg.datasets]
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,14 +413,14 @@ def _split_sizes(n: int, val_set_size: float) -> int:
     return n_eval
 
 
-def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
-    """Read, tokenize, truncate and split every dataset of the config."""
+def prepare_data(cfg: TrainConfig, tokenizer, raw: list[RawDataset] | None = None) -> PreparedData:
+    """Tokenize, truncate and split every dataset of the config (read here unless `raw` is given)."""
     tok = Tokenize(tokenizer)
     report = DataReport(sequence_len=cfg.sequence_len)
     samples: list[Sample] = []
-    for ds in cfg.datasets:
-        rows, digest = read_rows(ds)
-        report.file_digests[ds.path] = digest
+    for entry in raw if raw is not None else read_datasets(cfg):
+        ds, rows = entry.config, entry.rows
+        report.file_digests[ds.path] = entry.digest
         report.rows += len(rows)
         for row, where in rows:
             sample = tokenize_row(row, where, ds, tok, cfg.train_on_inputs)

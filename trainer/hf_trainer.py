@@ -12,14 +12,41 @@ optimizer/scheduler/RNG/data position) is transformers' and accelerate's own cod
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
 from transformers import Trainer
+from transformers.trainer import SCHEDULER_NAME
 
+from lorad.errors import LoradError
+from lorad.trainer.fsdp import enable_fsdp_on_cpu
 from lorad.trainer.loss import HiddenStateTap, token_loss_sum
 from lorad.trainer.packing import EpochShuffleSampler
 from lorad.trainer.progress import Stopwatch
+
+# The oldest transformers this file is tested with. It overrides Trainer internals (below) whose
+# names and signatures change between releases, so an older one is refused with a sentence, not
+# left to fail mid-run. Keep equal to the floor in pyproject.toml.
+MIN_TRANSFORMERS = "5.23.0"
+OVERRIDDEN = ("_get_train_sampler", "_run_epoch", "_get_num_items_in_batch", "_inner_training_loop",
+              "_save_checkpoint", "_save_optimizer_and_scheduler", "_save_scaler", "_save_rng_state",
+              "_load_from_checkpoint", "create_accelerator_and_postprocess")
+
+
+def check_transformers() -> None:
+    import transformers
+    from packaging.version import Version
+
+    installed = Version(transformers.__version__)
+    missing = [name for name in OVERRIDDEN if not hasattr(Trainer, name)]
+    if installed < Version(MIN_TRANSFORMERS) or missing:
+        raise LoradError(
+            f"lorad train needs transformers >= {MIN_TRANSFORMERS} (it replaces parts of Trainer: "
+            f"{', '.join(OVERRIDDEN)}); this environment has transformers {transformers.__version__}"
+            + (f", whose Trainer lacks {', '.join(missing)}" if missing else "")
+            + f". Upgrade with: pip install 'transformers>={MIN_TRANSFORMERS},<6'"
+        )
 
 
 class LoradTrainer(Trainer):
@@ -34,14 +61,17 @@ class LoradTrainer(Trainer):
         head: torch.nn.Module,
         eval_rows: list,
         save_checkpoint: Callable[[], None],
+        peak_memory=None,
         **kwargs,
     ):
+        check_transformers()
         super().__init__(*args, **kwargs)
         self.lorad_sampler = sampler
         self.tap = tap
         self.head = head
         self.eval_rows = eval_rows
         self.save_checkpoint_fn = save_checkpoint
+        self.peak_memory = peak_memory  # trainer/device_memory.PeakMemory, read at every training log
         self.tokens_since_log = 0
         self.stopwatch = Stopwatch()
         self.steps_at_last_log: int | None = None
@@ -114,10 +144,14 @@ class LoradTrainer(Trainer):
             logs["tokens_per_s"] = int(tokens) / lap if lap > 0 else 0.0
             logs["step_time_s"] = lap / steps
             logs["elapsed_s"] = elapsed
+            if self.peak_memory is not None:
+                logs.update(self.peak_memory.read())
         super().log(logs, start_time)
 
     def _inner_training_loop(self, *args, **kwargs):
         self.stopwatch = Stopwatch()
+        if self.peak_memory is not None:
+            self.peak_memory.reset()  # model loading is not part of the first interval
         self.steps_at_last_log = None  # the loop sets _initial_global_step once the state is loaded
         return super()._inner_training_loop(*args, **kwargs)
 
@@ -125,3 +159,25 @@ class LoradTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         self.save_checkpoint_fn()
+
+    # ---- FSDP ---------------------------------------------------------------------------------
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        enable_fsdp_on_cpu(self)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under FSDP the Trainer would also write the whole (frozen) model; the recipe writes the
+        LoRA tensors, so only the optimizer (gathered) and the schedule are saved here."""
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from accelerate.utils import save_fsdp_optimizer
+
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.is_fsdp_enabled:
+            return  # the recipe loaded the LoRA tensors before FSDP sharded the model
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)

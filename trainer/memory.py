@@ -10,7 +10,7 @@ The memory estimate, per process, in bytes:
                  prepare_model_for_kbit_training leaves them); unquantized base: 2 or 4 B/param;
                  LoRA params 4 B each
     gradients    4 B per trainable param
-    optimizer    adamw_torch 8 B/param; 8-bit AdamW 2 B/param (+ absmax) for tensors of 4096+
+    optimizer    Adam-like 8 B/param; 8-bit (bitsandbytes) 2 B/param (+ absmax) for tensors of 4096+
                  elements, 8 B for smaller ones; adafactor 4 B * (rows + cols) per matrix
     activations  one micro-batch of the longest rows (B x T tokens):
                    checkpointing: every layer's input [B, T, H] in float32 + one layer recomputed
@@ -57,30 +57,21 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def lora_config_for(cfg):
-    from peft import LoraConfig
-
-    alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
-    return LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
 def count_parameters(hf_config, cfg) -> tuple[int, int, dict[str, list[tuple[int, ...]]]]:
     """(trainable, base total, trainable tensor shapes by name) from a meta-device model."""
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from lorad.trainer.adapter import lora_config_for, lora_modules
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
     base_total = sum(p.numel() for p in model.parameters())
-    peft_model = get_peft_model(model, lora_config_for(cfg))
+    lora_config = lora_config_for(cfg)
+    lora_config.init_lora_weights = True  # the count does not depend on the init; PiSSA & co. need real weights
+    peft_model = get_peft_model(model, lora_config)
+    lora_modules(peft_model, cfg)  # targets lorad cannot serve fail here, as in a run
     shapes = {n: tuple(p.shape) for n, p in peft_model.named_parameters() if p.requires_grad}
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     return trainable, base_total, shapes
@@ -92,12 +83,16 @@ def _optimizer_bytes(optimizer: str, shapes: dict[str, tuple[int, ...]]) -> int:
         n = 1
         for d in shape:
             n *= d
-        if optimizer == "adamw_torch":
-            total += 8 * n
-        elif optimizer in ("adamw_bnb_8bit", "paged_adamw_8bit"):
-            total += (2 * n + 2 * 4 * -(-n // 256)) if n >= 4096 else 8 * n
-        elif optimizer == "adafactor":
+        if optimizer in ("sgd", "lomo", "adalomo") or optimizer.startswith("schedule_free_sgd"):
+            total += 4 * n  # momentum (sgd), or nothing kept (lomo): an upper bound
+        elif "adafactor" in optimizer:
             total += 4 * (sum(shape) if len(shape) == 2 else n)
+        elif "8bit" in optimizer or optimizer in ("adamw_bnb_8bit", "rmsprop_bnb_8bit"):
+            total += (2 * n + 2 * 4 * -(-n // 256)) if n >= 4096 else 8 * n  # bitsandbytes: 4096+ elements in 8 bits
+        elif "4bit" in optimizer:
+            total += n + 8 * -(-n // 128)
+        else:  # Adam-like: two float32 moments (AdamW, Lion keeps one: an upper bound)
+            total += 8 * n
     return total
 
 
@@ -126,7 +121,7 @@ def estimate_memory(hf_config, cfg, precision, shapes: dict, base_total: int, lo
 
     B, T = cfg.micro_batch_size, min(cfg.sequence_len, max(1, longest_row))
     r = cfg.lora_r
-    n_targets = len(cfg.target_modules)
+    n_targets = sum(1 for name in shapes if "lora_A" in name) / L  # LoRA modules per layer (regexes may skip layers)
     # saved for backward in one decoder layer (tokens x bytes):
     per_token = (
         4 * H * 4  # two RMSNorm inputs/outputs, float32 residual stream

@@ -45,6 +45,21 @@ def pack_rows(samples: list[Sample], sequence_len: int) -> list[list[Sample]]:
     return [[samples[i] for i in sorted(row)] for row in rows]
 
 
+def resolve_packing(setting, samples: list[Sample], sequence_len: int) -> tuple[bool, str]:
+    """sample_packing: true / false as given; auto packs when the samples average at most half of
+    sequence_len (two or more fit in a row on average), where packing removes most padding.
+    Returns the decision and a sentence saying why."""
+    if setting is True:
+        return True, "on (sample_packing: true)"
+    if setting is False:
+        return False, "off (sample_packing: false)"
+    mean = sum(len(s.input_ids) for s in samples) / max(1, len(samples))
+    if mean <= sequence_len / 2:
+        return True, (f"on (auto: samples average {mean:.0f} tokens, at most half of sequence_len {sequence_len}; "
+                      "sample_packing: false turns it off)")
+    return False, f"off (auto: samples average {mean:.0f} tokens, more than half of sequence_len {sequence_len})"
+
+
 def rows_of(samples: list[Sample], sequence_len: int, packing: bool) -> list[list[Sample]]:
     return pack_rows(samples, sequence_len) if packing else [[s] for s in samples]
 

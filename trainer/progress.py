@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 from lorad.trainer.errors import TrainingDivergedError
 
 METRICS_FILE = "metrics.jsonl"
+MEMORY_KEYS = ("peak_rss_mib", "peak_allocated_mib", "peak_reserved_mib")  # trainer/device_memory.py
 LOSS_CURVE_FILE = "loss_curve.png"
 
 
@@ -73,6 +74,7 @@ class ProgressReporter(TrainerCallback):
                 tokens_per_s=logs.get("tokens_per_s"),
                 step_time_s=logs.get("step_time_s"),
                 elapsed_s=logs.get("elapsed_s"),
+                **{k: logs[k] for k in MEMORY_KEYS if k in logs},
             )
             if self.bar is not None:
                 postfix = f"loss={logs['loss']:.4f} lr={logs.get('learning_rate', 0):.2e}"
@@ -97,12 +99,27 @@ class ProgressReporter(TrainerCallback):
             self.bar = None
 
 
+def _parse_lines(text: str) -> list[tuple[str, dict]]:
+    """(line, row) for every complete JSON object line. A line cut short by a kill in the middle
+    of a write (the last one, without its newline, or any unparsable one) is skipped."""
+    out = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            out.append((line, row))
+    return out
+
+
 def truncate_metrics(output_dir: Path, step: int) -> None:
-    """On resume: drop metric rows past the checkpoint, which the resumed run writes again."""
+    """On resume: drop metric rows past the checkpoint (the resumed run writes them again) and
+    any torn line a killed run left."""
     path = Path(output_dir) / METRICS_FILE
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line, row in _parse_lines(path.read_text(errors="replace")) if row["step"] <= step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -112,7 +129,7 @@ def read_metrics(output_dir: Path) -> list[dict]:
     path = Path(output_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for _, row in _parse_lines(path.read_text(errors="replace"))]
 
 
 def plot_loss_curve(output_dir: Path) -> Path | None:

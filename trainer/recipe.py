@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,17 @@ import yaml
 
 from lorad.base_model import BaseModelConfig, load_base, weights_digest
 from lorad.errors import ConfigError
+from lorad.trainer import adapter as lora
 from lorad.trainer import checkpoint as ck
 from lorad.trainer.config import Precision, TrainConfig, resolve_precision
-from lorad.trainer.data import PreparedData, prepare_data
+from lorad.trainer.data import PreparedData, prepare_data, read_datasets
+from lorad.trainer.device_memory import PeakMemory
 from lorad.trainer.errors import CheckpointError
+from lorad.trainer.fast_lora import use_fast_lora
+from lorad.trainer.fsdp import fsdp_arguments
 from lorad.trainer.loss import HiddenStateTap, causal_lm_parts
-from lorad.trainer.memory import lora_config_for
-from lorad.trainer.packing import EpochShuffleSampler, RowCollator, RowDataset, rows_of
+from lorad.trainer.optim import check_attention, check_optimizer, check_schedule
+from lorad.trainer.packing import EpochShuffleSampler, RowCollator, RowDataset, resolve_packing, rows_of
 from lorad.trainer.progress import ProgressReporter, StopController, plot_loss_curve, truncate_metrics
 from lorad.trainer.provenance import build_provenance, write_adapter
 
@@ -48,6 +53,7 @@ class Plan:
 
     @classmethod
     def make(cls, cfg: TrainConfig, rows: int, world_size: int, has_eval: bool) -> "Plan":
+        """rows: training rows after packing (packing.resolve_packing)."""
         batches = math.ceil(rows / cfg.micro_batch_size)
         per_rank = math.ceil(batches / world_size)  # accelerate evens the batches out across ranks
         ga = cfg.gradient_accumulation_steps
@@ -59,8 +65,14 @@ class Plan:
             warmup = math.ceil(cfg.warmup_ratio * total)
         else:
             warmup = 0
-        save = cfg.save_steps or max(1, math.ceil(total / 10))
-        evals = (cfg.eval_steps or save) if has_eval else None
+        if cfg.saves_per_epoch:
+            save = max(1, steps_per_epoch // cfg.saves_per_epoch)
+        else:
+            save = cfg.save_steps or max(1, math.ceil(total / 10))
+        if cfg.evals_per_epoch:
+            evals = max(1, steps_per_epoch // cfg.evals_per_epoch) if has_eval else None
+        else:
+            evals = (cfg.eval_steps or save) if has_eval else None
         return cls(world_size, rows, per_rank, steps_per_epoch, total, warmup, save, evals)
 
     def line(self, cfg: TrainConfig) -> str:
@@ -90,8 +102,13 @@ class QLoRARecipe:
       * NF4 + double-quant base (adapter: qlora): ~0.56 bytes per base parameter instead of 2-4;
         the adapter is trained against exactly the weights lorad serves. The quantized base is
         cached in ~/.cache/lorad/quantized (bit-identical, loads in ~1 s instead of ~15 s on CPU).
-      * Gradient checkpointing (non-reentrant): keeps one layer's activations instead of all, at
-        the cost of a second forward; LoRA gradients flow although the base is frozen.
+      * Gradient checkpointing (non-reentrant): keeps only each decoder layer's input ([B, T, H]
+        per layer) instead of every tensor the layer saves for backward, and recomputes one
+        layer's forward at a time during the backward pass (about a third more compute); LoRA
+        gradients flow although the base is frozen.
+      * Adapter variants from PEFT: rsLoRA, DoRA, gaussian / PiSSA / OLoRA / LoftQ init, bias,
+        lora_bias, modules_to_save, targets by name or regex (trainer/adapter.py); a run can start
+        from an adapter (lora_model_dir) or fork a checkpoint (--init-from).
       * Loss normalised over all trained tokens of an optimizer step, across micro-batches and
         ranks; the head runs on trained positions only, in chunks (trainer/loss.py).
       * Packing (sample_packing): fewer padding tokens; samples never attend to each other.
@@ -114,12 +131,15 @@ class QLoRARecipe:
         *,
         resume: bool = False,
         resume_from: str | None = None,
+        init_from: str | None = None,
         stop_after: int | None = None,
         echo=None,
     ):
         self.cfg = cfg
         self.resume = resume or resume_from is not None
         self.resume_from = resume_from
+        self.init_from = init_from
+        self.start: lora.StartingAdapter | None = None
         self.stop_after = stop_after
         self.output_dir = Path(cfg.output_dir)
         self.ckpt_root = ck.checkpoint_root(self.output_dir)
@@ -146,43 +166,78 @@ class QLoRARecipe:
         self._setup_trainer()
 
     def _setup_run(self) -> None:
-        import torch
-
         from lorad.base_model import resolve_device
+        from lorad.trainer.hf_trainer import check_transformers
 
+        check_transformers()
         self.device = resolve_device(self.cfg.device)
         self.precision: Precision = resolve_precision(self.cfg, self.device.type)
-        if self.precision.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        check_attention(self.cfg, self.device.type, self.precision)
+        fsdp_arguments(self.cfg, self.device.type, self.world_size)  # refuses what cannot run before any loading
         adapter_cfg = Path(self.cfg.base_model) / "adapter_config.json"
         if adapter_cfg.is_file():
             raise ConfigError(
                 f"base_model: {self.cfg.base_model} is a LoRA adapter folder, not a base model; set base_model to "
-                "the base it was trained on (to continue an interrupted run, use --resume)"
+                "the base it was trained on (to continue from that adapter, set lora_model_dir; to continue an "
+                "interrupted run, use --resume)"
             )
+        if self.resume and self.init_from:
+            raise ConfigError("--init-from starts a new run from a checkpoint's adapter; --resume continues the same "
+                              "run; pick one")
         if self.resume:  # before any loading: a missing checkpoint is reported at once
             self.resume_checkpoint = ck.resolve_resume(self.output_dir, self.resume_from)
         elif ck.complete_checkpoints(self.ckpt_root):
             latest = ck.complete_checkpoints(self.ckpt_root)[-1]
             raise ConfigError(
                 f"output_dir: {self.output_dir} already holds checkpoints of a run (latest: step {latest.step}); "
-                "pass --resume to continue it, or choose another output_dir"
+                "pass --resume to continue it, or choose another output_dir (with --init-from "
+                f"{latest.path} to start a new run from its adapter)"
             )
+        self._setup_start()
+        if self.cfg._ignored:
+            self.echo(f"note: axolotl keys read and not used by lorad: {', '.join(self.cfg._ignored)}")
+        # the data before the model: a dataset that cannot be read fails in seconds, not after a load
+        self.raw_data = read_datasets(self.cfg)
+
+    def _setup_start(self) -> None:
+        """lora_model_dir / --init-from: the adapter the run starts from, whose shape wins. A resumed
+        run takes it from its checkpoint (the parent's files may be gone; its weights are not
+        needed, the checkpoint's replace them)."""
+        self.load_start_weights = not self.resume
+        recorded = self.resume_checkpoint.state().get("parent") if self.resume_checkpoint else None
+        if recorded is not None:
+            self.start = lora.StartingAdapter.from_state(recorded)
+        elif self.init_from is not None:
+            parent = ck.resolve_resume(self.output_dir, self.init_from, flag="--init-from")
+            self.start = lora.StartingAdapter.read("init_from", parent.path, step=parent.step,
+                                                   fingerprint=parent.state().get("fingerprint"))
+        elif self.cfg.lora_model_dir is not None:
+            self.start = lora.StartingAdapter.read("lora_model_dir", self.cfg.lora_model_dir)
+        if self.start is not None:
+            self.cfg = lora.apply_starting_adapter(self.cfg, self.start)
 
     def _setup_model(self) -> None:
         import torch
-        from peft import get_peft_model, prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training
         from transformers import set_seed
 
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
             self.precision.compute_dtype_name
         ]
         base_cfg = BaseModelConfig(name=self.cfg.base_model, quant=self.cfg.quant, device=self.device.type)
-        self.base = load_base(base_cfg, for_training=True, compute_dtype=dtype, cache_quantized=True)
+        # QLoRA + FSDP: NF4 packed into the compute dtype, so FSDP shards it with the rest (trainer/fsdp.py)
+        storage = dtype if self.cfg.fsdp and self.cfg.quant == "nf4" else None
+        self.base = load_base(base_cfg, for_training=True, compute_dtype=dtype, cache_quantized=True,
+                              quant_storage=storage)
         self.base_digest = weights_digest(self.base.resolved)
+        if self.start is not None and self.start.parent_fingerprint is not None:
+            parent_base = self.start.parent_fingerprint.get("base_digest")
+            if parent_base and self.base_digest and parent_base != self.base_digest:
+                raise ConfigError(f"--init-from: {self.start.path} was trained on base {parent_base}; this run's base "
+                                  f"{self.cfg.base_model} is {self.base_digest}")
         model = self.base.model
         model.config.use_cache = False
+        model.set_attn_implementation(self.cfg.attn_implementation)
         if self.cfg.quant == "nf4":
             # freezes the base, upcasts norms/embeddings to float32; checkpointing is set below
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -192,40 +247,66 @@ class QLoRARecipe:
         if self.cfg.gradient_checkpointing:
             # non-reentrant: gradients reach LoRA weights without making the frozen inputs require grad
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        set_seed(self.cfg.seed)  # LoRA A init
-        self.model = get_peft_model(model, lora_config_for(self.cfg))
+        set_seed(self.cfg.seed)  # LoRA A init (and PiSSA's randomized SVD)
+        self.model = lora.wrap_with_lora(model, self.cfg)
+        self.lora_modules = lora.lora_modules(self.model, self.cfg)
+        if self.cfg.peft_init_lora_weights == "loftq":
+            n = lora.loftq_init_nf4(self.model, self.base.resolved.location)
+            self.echo(f"loftq: {n} LoRA pairs start at the rank-{self.cfg.lora_r} correction of their NF4 error")
+        self.initial_adapter = None
+        if lora.needs_conversion(self.cfg) and self.is_main:
+            # A0, B0 as initialised, for the conversion to a standard LoRA when the adapter is published
+            # (no dot in the folder name: PEFT loads it under its folder name as an adapter name)
+            self.initial_adapter = lora.save_initial_adapter(self.model, self.output_dir / "lorad_initial_adapter")
+        if self.start is not None and self.load_start_weights:
+            lora.load_adapter_weights(self.model, self.start.path, self.start.kind)
+        self.fast_layers = 0
+        if os.environ.get("LORAD_TRAIN_PEFT_FORWARD") != "1":  # diagnostic switch: PEFT's own forward
+            self.fast_layers = use_fast_lora(self.model, keep_dequantized=self.cfg.gradient_checkpointing)
         self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
-        _check_single_adapter(self.model, self.cfg)
+        lora.check_single_adapter(self.model, self.lora_modules)
         norm, self.head = causal_lm_parts(self.model)
         self.tap = HiddenStateTap(norm)
         prec = "bf16 autocast" if self.precision.bf16 else "fp16 autocast" if self.precision.fp16 else "float32"
         self.echo(
             f"base: {self.base.resolved.display_name} ({self.cfg.quant}, {self.base_digest or 'digest unavailable'}) "
-            f"on {self.device.type}, {prec}"
+            f"on {self.device.type}, {prec}, attention {self.cfg.attn_implementation}"
         )
+        c = self.cfg
+        variants = [v for v, on in (("rsLoRA", c.peft_use_rslora), ("DoRA", c.peft_use_dora),
+                                     (f"init {c.peft_init_lora_weights}", c.peft_init_lora_weights is not True),
+                                     (f"bias {c.bias}", c.bias != "none"), ("lora_bias", c.lora_bias),
+                                     (f"modules_to_save {c.lora_modules_to_save}", bool(c.lora_modules_to_save))) if on]
         self.echo(
-            f"adapter: LoRA r={self.cfg.lora_r} alpha={self.cfg.lora_alpha:g} dropout={self.cfg.lora_dropout:g} on "
-            f"{', '.join(self.cfg.target_modules)}: {self.trainable:,} trainable parameters "
-            f"({100 * self.trainable / total:.2f}% of {total:,})"
+            f"adapter: LoRA r={c.lora_r} alpha={c.lora_alpha:g} dropout={c.lora_dropout:g} on "
+            f"{', '.join(c.target_modules)} ({len(self.lora_modules)} modules)"
+            + (f" [{', '.join(variants)}]" if variants else "")
+            + f": {self.trainable:,} trainable parameters ({100 * self.trainable / total:.2f}% of {total:,})"
         )
-        if self.cfg.quant == "none":
+        if self.start is not None:
+            self.echo(f"starting from: {self.start.path} ({self.start.kind}; fresh optimizer and schedule)")
+        if c.quant == "none":
             self.echo("note: adapter: lora trains against the unquantized base; lorad serves over NF4 "
                       "(adapter: qlora trains against exactly the served weights)")
+        if c.bias != "none" or c.lora_bias or c.lora_modules_to_save:
+            self.echo("note: bias, lora_bias and modules_to_save adapters load in PEFT, but lorad serve refuses them: "
+                      "one shared batch cannot hold per-adapter biases or replaced modules")
 
     def _setup_data(self) -> None:
         tokenizer = self.base.tokenizer
-        self.data: PreparedData = prepare_data(self.cfg, tokenizer)
+        self.data: PreparedData = prepare_data(self.cfg, tokenizer, self.raw_data)
         for line in self.data.report.lines():
             self.echo(line)
         max_pos = getattr(self.base.model.config, "max_position_embeddings", None)
         if max_pos and self.cfg.sequence_len > max_pos:
             self.echo(f"warning: sequence_len {self.cfg.sequence_len} exceeds the base's {max_pos} positions")
-        self.rows = rows_of(self.data.train, self.cfg.sequence_len, self.cfg.sample_packing)
-        self.eval_rows = rows_of(self.data.eval, self.cfg.sequence_len, self.cfg.sample_packing)
-        if self.cfg.sample_packing:
-            self.echo(f"packing: {len(self.data.train)} samples -> {len(self.rows)} rows of <= {self.cfg.sequence_len} tokens")
-        self.collator = RowCollator(pad_id=tokenizer.pad_token_id, packing=self.cfg.sample_packing)
+        self.packing, why = resolve_packing(self.cfg.sample_packing, self.data.train, self.cfg.sequence_len)
+        self.rows = rows_of(self.data.train, self.cfg.sequence_len, self.packing)
+        self.eval_rows = rows_of(self.data.eval, self.cfg.sequence_len, self.packing)
+        self.echo(f"packing: {why}" + (f": {len(self.data.train)} samples -> {len(self.rows)} rows of <= "
+                                       f"{self.cfg.sequence_len} tokens" if self.packing else ""))
+        self.collator = RowCollator(pad_id=tokenizer.pad_token_id, packing=self.packing)
         self.sampler = EpochShuffleSampler(len(self.rows), self.cfg.seed)
 
     def fingerprint(self) -> dict:
@@ -239,9 +320,15 @@ class QLoRARecipe:
             "lora_alpha": c.lora_alpha,
             "lora_dropout": c.lora_dropout,
             "target_modules": c.target_modules,
+            "lora_modules": len(self.lora_modules),
+            "lora_variant": {
+                "use_rslora": c.peft_use_rslora, "use_dora": c.peft_use_dora, "init": c.peft_init_lora_weights,
+                "bias": c.bias, "lora_bias": c.lora_bias, "modules_to_save": c.lora_modules_to_save,
+            },
+            "start_adapter": self.start.sha256 if self.start is not None else None,
             "seed": c.seed,
             "sequence_len": c.sequence_len,
-            "sample_packing": c.sample_packing,
+            "sample_packing": self.packing,
             "train_on_inputs": c.train_on_inputs,
             "val_set_size": c.val_set_size,
             "micro_batch_size": c.micro_batch_size,
@@ -251,16 +338,21 @@ class QLoRARecipe:
             "optimizer": c.optimizer,
             "learning_rate": c.learning_rate,
             "lr_scheduler": c.lr_scheduler,
+            "lr_scheduler_kwargs": c.lr_scheduler_kwargs,
+            "adam": [c.adam_beta1, c.adam_beta2, c.adam_epsilon],
             "warmup_steps": self.plan.warmup_steps,
             "weight_decay": c.weight_decay,
             "max_grad_norm": c.max_grad_norm,
             "precision": self.precision.compute_dtype_name,
+            "attn_implementation": c.attn_implementation,
+            "fsdp": c.fsdp,
             "data_digest": self.data.digest,
         }
 
     def _setup_resume(self) -> None:
         if self.resume_checkpoint is not None:
             state = ck.check_compatible(self.resume_checkpoint, self.fingerprint())
+            self._check_data_position(state)
             self.echo(
                 f"resume: from {self.resume_checkpoint.path} (step {state['global_step']}, epoch {state['epoch']}, "
                 f"{state['micro_batches_into_epoch']} micro-batches into it)"
@@ -277,12 +369,35 @@ class QLoRARecipe:
                 yaml.safe_dump(self.resolved_config(), sort_keys=False)
             )
 
+    def data_position(self, step: int) -> dict:
+        """Where `step` leaves the data: the epoch and the micro-batches (per rank) done in it."""
+        spe = self.plan.steps_per_epoch
+        return {
+            "epoch": step // spe,
+            "micro_batches_into_epoch": (step % spe) * self.cfg.gradient_accumulation_steps,
+            "rows_per_epoch": len(self.rows),
+        }
+
+    def _check_data_position(self, state: dict) -> None:
+        """The Trainer skips to the checkpoint's place in the data from its step count; the
+        position the checkpoint recorded must be that same place, or the resumed run would
+        see other rows than the interrupted one."""
+        recorded = {k: state.get(k) for k in ("epoch", "micro_batches_into_epoch", "rows_per_epoch")}
+        expected = self.data_position(int(state["global_step"]))
+        if recorded != expected:
+            raise CheckpointError(
+                f"cannot resume from {self.resume_checkpoint.path}: it recorded the data position {recorded}, but "
+                f"step {state['global_step']} of this run's plan is at {expected}; the data or batching changed"
+            )
+
     def resolved_config(self) -> dict:
         out = self.cfg.to_dict()
         out.update(
             resolved={
                 "quant": self.cfg.quant,
                 "target_modules": self.cfg.target_modules,
+                "lora_modules": len(self.lora_modules),
+                "sample_packing": self.packing,
                 "bf16": self.precision.bf16,
                 "fp16": self.precision.fp16,
                 "tf32": self.precision.tf32,
@@ -295,6 +410,10 @@ class QLoRARecipe:
                 "eval_steps": self.plan.eval_steps,
             }
         )
+        if self.start is not None:
+            out["resolved"]["start_adapter"] = self.start.provenance()
+        if self.cfg._ignored:
+            out["resolved"]["ignored_axolotl_keys"] = list(self.cfg._ignored)
         return out
 
     def _setup_trainer(self) -> None:
@@ -312,13 +431,19 @@ class QLoRARecipe:
             max_steps=plan.total_steps,
             learning_rate=cfg.learning_rate,
             lr_scheduler_type=cfg.lr_scheduler,
+            lr_scheduler_kwargs=cfg.lr_scheduler_kwargs or {},
             warmup_steps=plan.warmup_steps,
             optim=cfg.optimizer,  # lorad's optimizer names are transformers' OptimizerNames
             weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2,
+            adam_epsilon=cfg.adam_epsilon,
             max_grad_norm=cfg.max_grad_norm,
             bf16=self.precision.bf16,
             fp16=self.precision.fp16,
+            # the one place tf32 is set (TrainingArguments turns it on for CUDA matmuls and cuDNN)
             tf32=self.precision.tf32 if self.device.type == "cuda" else None,
+            **fsdp_arguments(cfg, self.device.type, self.world_size, type(self.base.model.model.layers[0]).__name__),
             logging_steps=cfg.logging_steps,
             logging_nan_inf_filter=False,  # a NaN loss must show, not be replaced by an average
             save_strategy="steps",
@@ -337,8 +462,11 @@ class QLoRARecipe:
             ddp_find_unused_parameters=False,
             log_level="warning",
         )
+        check_optimizer(args, self.model)
+        check_schedule(cfg, plan.total_steps, plan.warmup_steps)
         self.stop = StopController(self.stop_after, self.world_size)
         self.progress = ProgressReporter(self.output_dir, enabled=self.is_main)
+        self.peak_memory = PeakMemory(self.device.type)
         self.trainer = LoradTrainer(
             model=self.model,
             args=args,
@@ -350,6 +478,7 @@ class QLoRARecipe:
             head=self.head,
             eval_rows=self.eval_rows,
             save_checkpoint=self.save_checkpoint,
+            peak_memory=self.peak_memory,
             callbacks=[self.progress, self.stop],
         )
         self.trainer.remove_callback(PrinterCallback)
@@ -363,20 +492,24 @@ class QLoRARecipe:
         self.stop.install()
         try:
             resume_path = str(self.resume_checkpoint.path) if self.resume_checkpoint else None
+            if resume_path and self.trainer.is_fsdp_enabled:
+                # before FSDP shards the model; the Trainer then restores optimizer, schedule and RNG
+                lora.load_adapter_weights(self.model, self.resume_checkpoint.path, "--resume")
             self.trainer.train(resume_from_checkpoint=resume_path)
         finally:
             self.stop.uninstall()
-        _check_single_adapter(self.model, self.cfg)
+        lora.check_single_adapter(self.model, self.lora_modules)
         history = self.trainer.state.log_history
         train_loss = next((h["loss"] for h in reversed(history) if "loss" in h), None)
         eval_loss = next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None)
         step = self.trainer.state.global_step
         finished = self.stop.stopped_at is None
         latest = ck.latest_checkpoint(self.output_dir)
+        state = lora.trainable_state(self.model) if finished and self.trainer.is_fsdp_enabled else None  # all ranks
         if self.is_main:
             plot_loss_curve(self.output_dir)
             if finished:
-                self.save_adapter(train_loss, eval_loss)
+                self.save_adapter(train_loss, eval_loss, state)
                 self.echo(
                     f"done: adapter -> {self.output_dir} (step {step}, train loss {_fmt(train_loss)}, "
                     f"eval loss {_fmt(eval_loss)}); serve it with: lorad serve --adapters {self.output_dir.parent}"
@@ -403,7 +536,13 @@ class QLoRARecipe:
                 ck.remove_checkpoint(staging)
             staging.mkdir(parents=True)
         self._barrier()
-        t.save_model(str(staging), _internal_call=True)  # adapter (main process)
+        if t.is_fsdp_enabled:  # gathered on every rank, written by the main one (PEFT's format, whole tensors)
+            state = lora.trainable_state(self.model)
+            if self.is_main:
+                self.model.save_pretrained(str(staging), state_dict=state, safe_serialization=True,
+                                           save_embedding_layers=False)
+        else:
+            t.save_model(str(staging), _internal_call=True)  # adapter (main process)
         t._save_optimizer_and_scheduler(str(staging))
         t._save_scaler(str(staging))
         t._save_rng_state(str(staging))  # every rank writes its own
@@ -411,14 +550,8 @@ class QLoRARecipe:
             for cb in [c for c in t.callback_handler.callbacks + [t.control] if isinstance(c, ExportableState)]:
                 t.state.stateful_callbacks[cb.__class__.__name__] = cb.state()
             t.state.save_to_json(str(staging / "trainer_state.json"))
-            spe = self.plan.steps_per_epoch
-            state = {
-                "global_step": step,
-                "epoch": step // spe,
-                "micro_batches_into_epoch": (step % spe) * self.cfg.gradient_accumulation_steps,
-                "rows_per_epoch": len(self.rows),
-                "fingerprint": self.fingerprint(),
-            }
+            state = {"global_step": step, **self.data_position(step), "fingerprint": self.fingerprint(),
+                     "parent": self.start.state() if self.start is not None else None}
             (staging / ck.STATE_FILE).write_text(json.dumps(state, indent=1))
         self._barrier()
         if self.is_main:
@@ -429,7 +562,7 @@ class QLoRARecipe:
                 log.info("removed old checkpoint %s (save_total_limit=%s)", path, self.cfg.save_total_limit)
         self._barrier()
 
-    def save_adapter(self, train_loss: float | None, eval_loss: float | None) -> Path:
+    def save_adapter(self, train_loss: float | None, eval_loss: float | None, state: dict | None = None) -> Path:
         resolved = self.base.resolved
         provenance = build_provenance(
             base={
@@ -455,8 +588,14 @@ class QLoRARecipe:
             world_size=self.world_size,
             precision=self.precision.compute_dtype_name,
             trainable_parameters=self.trainable,
+            peak_memory=self.peak_memory.summary(),
+            parent=self.start.provenance() if self.start is not None else None,
         )
-        return write_adapter(self.model, self.output_dir, resolved.display_name, provenance)
+        written = write_adapter(self.model, self.output_dir, resolved.display_name, provenance,
+                                initial_adapter=self.initial_adapter, state_dict=state)
+        if self.initial_adapter is not None:
+            shutil.rmtree(self.initial_adapter, ignore_errors=True)
+        return written
 
     # ---- cleanup ----------------------------------------------------------------------------
 
@@ -477,21 +616,6 @@ class QLoRARecipe:
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
-
-
-def _check_single_adapter(model, cfg: TrainConfig) -> None:
-    """Exactly one LoRA pair per targeted projection: no adapter wrapped inside another
-    (the "double LoRA" of a resume that re-wraps a PEFT model, axolotl#2568)."""
-    names = [n for n, _ in model.named_modules() if n.endswith(".lora_A.default")]
-    nested = [n for n in names if n.count("base_model") > 1 or n.count("lora_A") > 1 or ".base_layer.base_layer" in n]
-    layers = model.get_base_model().config.num_hidden_layers
-    expected = layers * len(cfg.target_modules)
-    adapters = list(getattr(model, "peft_config", {}))
-    if nested or len(names) != expected or adapters != ["default"]:
-        raise CheckpointError(
-            f"the model holds {len(names)} LoRA modules in adapters {adapters} (expected {expected} in ['default']); "
-            "an adapter was applied on top of another"
-        )
 
 
 def keep_bnb_training_layout(model) -> int:

@@ -370,12 +370,14 @@ def _jsonable(value):
 
 
 def write_peft_model(peft_model, output_dir: str | Path, base_name: str, provenance: dict | None = None,
-                     adapter_name: str = "default") -> Path:
+                     adapter_name: str = "default", state_dict: dict | None = None) -> Path:
     """Save a PEFT model's adapter as PEFT's save_pretrained would (same tensors, same config), through
-    write_adapter. base_model_name_or_path is set to base_name (lorad's name for the base)."""
+    write_adapter. base_model_name_or_path is set to base_name (lorad's name for the base).
+    state_dict: the model's full state when its own parameters are shards (the trainer's FSDP runs)."""
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
+    state = get_peft_model_state_dict(peft_model, state_dict=state_dict, adapter_name=adapter_name,
+                                      save_embedding_layers=False)
     tensors = {name: tensor.detach().clone() for name, tensor in state.items()}  # no shared storage
     config = _jsonable(peft_model.peft_config[adapter_name].to_dict())
     config.pop("runtime_config", None)

@@ -184,3 +184,353 @@ class Generator:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdapterManagerStub:
+    """--- AdapterManager ------------------------------------------------------------------------
+
+    Admin-only (see the security model in the README). Every RPC names adapters by id, never
+    by path; ids match [A-Za-z0-9][A-Za-z0-9._-]{0,127}.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LoadAdapter = channel.unary_unary(
+                '/lorad.v1.AdapterManager/LoadAdapter',
+                request_serializer=lorad_dot_v1_dot_lorad__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=lorad_dot_v1_dot_lorad__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/lorad.v1.AdapterManager/UnloadAdapter',
+                request_serializer=lorad_dot_v1_dot_lorad__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=lorad_dot_v1_dot_lorad__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnpinAdapter = channel.unary_unary(
+                '/lorad.v1.AdapterManager/UnpinAdapter',
+                request_serializer=lorad_dot_v1_dot_lorad__pb2.UnpinAdapterRequest.SerializeToString,
+                response_deserializer=lorad_dot_v1_dot_lorad__pb2.AdapterInfo.FromString,
+                _registered_method=True)
+        self.DeleteAdapter = channel.unary_unary(
+                '/lorad.v1.AdapterManager/DeleteAdapter',
+                request_serializer=lorad_dot_v1_dot_lorad__pb2.DeleteAdapterRequest.SerializeToString,
+                response_deserializer=lorad_dot_v1_dot_lorad__pb2.DeleteAdapterResponse.FromString,
+                _registered_method=True)
+        self.UploadAdapter = channel.stream_unary(
+                '/lorad.v1.AdapterManager/UploadAdapter',
+                request_serializer=lorad_dot_v1_dot_lorad__pb2.UploadAdapterRequest.SerializeToString,
+                response_deserializer=lorad_dot_v1_dot_lorad__pb2.UploadAdapterResponse.FromString,
+                _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/lorad.v1.AdapterManager/ListAdapters',
+                request_serializer=lorad_dot_v1_dot_lorad__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=lorad_dot_v1_dot_lorad__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
+        self.GetAdapter = channel.unary_unary(
+                '/lorad.v1.AdapterManager/GetAdapter',
+                request_serializer=lorad_dot_v1_dot_lorad__pb2.GetAdapterRequest.SerializeToString,
+                response_deserializer=lorad_dot_v1_dot_lorad__pb2.AdapterInfo.FromString,
+                _registered_method=True)
+
+
+class AdapterManagerServicer:
+    """--- AdapterManager ------------------------------------------------------------------------
+
+    Admin-only (see the security model in the README). Every RPC names adapters by id, never
+    by path; ids match [A-Za-z0-9][A-Za-z0-9._-]{0,127}.
+    """
+
+    def LoadAdapter(self, request, context):
+        """Bring an adapter from the adapters folder into host memory and a device slot now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Release its memory: running requests finish, then its slot and host copy are freed.
+        The files stay; a later request loads it again. Unpins it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpinAdapter(self, request, context):
+        """Keep it resident but let LRU evict it again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAdapter(self, request, context):
+        """Stop serving it: new requests get NOT_FOUND at once, running ones finish, then its
+        memory is freed and its folder removed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadAdapter(self, request_iterator, context):
+        """Client stream: one header, then file chunks. Validated like a folder adapter, then
+        published atomically; an existing id needs `replace`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapters(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdapterManagerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=lorad_dot_v1_dot_lorad__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=lorad_dot_v1_dot_lorad__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=lorad_dot_v1_dot_lorad__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=lorad_dot_v1_dot_lorad__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'UnpinAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpinAdapter,
+                    request_deserializer=lorad_dot_v1_dot_lorad__pb2.UnpinAdapterRequest.FromString,
+                    response_serializer=lorad_dot_v1_dot_lorad__pb2.AdapterInfo.SerializeToString,
+            ),
+            'DeleteAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAdapter,
+                    request_deserializer=lorad_dot_v1_dot_lorad__pb2.DeleteAdapterRequest.FromString,
+                    response_serializer=lorad_dot_v1_dot_lorad__pb2.DeleteAdapterResponse.SerializeToString,
+            ),
+            'UploadAdapter': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadAdapter,
+                    request_deserializer=lorad_dot_v1_dot_lorad__pb2.UploadAdapterRequest.FromString,
+                    response_serializer=lorad_dot_v1_dot_lorad__pb2.UploadAdapterResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=lorad_dot_v1_dot_lorad__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=lorad_dot_v1_dot_lorad__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+            'GetAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAdapter,
+                    request_deserializer=lorad_dot_v1_dot_lorad__pb2.GetAdapterRequest.FromString,
+                    response_serializer=lorad_dot_v1_dot_lorad__pb2.AdapterInfo.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'lorad.v1.AdapterManager', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('lorad.v1.AdapterManager', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AdapterManager:
+    """--- AdapterManager ------------------------------------------------------------------------
+
+    Admin-only (see the security model in the README). Every RPC names adapters by id, never
+    by path; ids match [A-Za-z0-9][A-Za-z0-9._-]{0,127}.
+    """
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorad.v1.AdapterManager/LoadAdapter',
+            lorad_dot_v1_dot_lorad__pb2.LoadAdapterRequest.SerializeToString,
+            lorad_dot_v1_dot_lorad__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorad.v1.AdapterManager/UnloadAdapter',
+            lorad_dot_v1_dot_lorad__pb2.UnloadAdapterRequest.SerializeToString,
+            lorad_dot_v1_dot_lorad__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpinAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorad.v1.AdapterManager/UnpinAdapter',
+            lorad_dot_v1_dot_lorad__pb2.UnpinAdapterRequest.SerializeToString,
+            lorad_dot_v1_dot_lorad__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorad.v1.AdapterManager/DeleteAdapter',
+            lorad_dot_v1_dot_lorad__pb2.DeleteAdapterRequest.SerializeToString,
+            lorad_dot_v1_dot_lorad__pb2.DeleteAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadAdapter(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/lorad.v1.AdapterManager/UploadAdapter',
+            lorad_dot_v1_dot_lorad__pb2.UploadAdapterRequest.SerializeToString,
+            lorad_dot_v1_dot_lorad__pb2.UploadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorad.v1.AdapterManager/ListAdapters',
+            lorad_dot_v1_dot_lorad__pb2.ListAdaptersRequest.SerializeToString,
+            lorad_dot_v1_dot_lorad__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorad.v1.AdapterManager/GetAdapter',
+            lorad_dot_v1_dot_lorad__pb2.GetAdapterRequest.SerializeToString,
+            lorad_dot_v1_dot_lorad__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
