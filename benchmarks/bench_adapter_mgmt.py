@@ -1,5 +1,6 @@
 """Adapter management latencies and memory on a real server (embedded SmolLM2-135M, NF4, CPU):
-upload, load (disk -> host -> device), unload (and the host memory it gives back), replace.
+upload, load (disk -> host -> device), unload (and the host memory it gives back), replace,
+and a server-side combine of two adapters (CombineAdapters, svd back to --rank, published).
 
     .venv/bin/python benchmarks/bench_adapter_mgmt.py [--rank 16] [--repeats 5]
 
@@ -56,6 +57,8 @@ def main() -> None:
 
     with ServerThread(cfg, base) as srv, Client(f"127.0.0.1:{srv.port}", timeout=300) as c:
         c.generate("warm up", max_new_tokens=2)
+        for i, version in enumerate(versions):  # the inputs of the combine rounds
+            c.upload_adapter(version, f"input-{i}")
         for i in range(args.repeats):
             adapter_id = f"bench-{i}"
             started = time.perf_counter()
@@ -89,6 +92,12 @@ def main() -> None:
             old = list(stream)[-1]
             assert first.adapter_version != old.adapter_version
             c.delete_adapter(adapter_id)
+            started = time.perf_counter()
+            combined = c.combine_adapters([("input-0", 1.0), ("input-1", 0.5)], f"combined-{i}", method="svd",
+                                          rank=args.rank)
+            note(f"combine 2 adapters (svd to rank {args.rank}) + publish, ms", (time.perf_counter() - started) * 1e3)
+            note("  combine relative error (x1e6)", combined.overall_error * 1e6)
+            c.delete_adapter(f"combined-{i}")
 
     print(f"adapter: rank {args.rank}, all projections, {size / 1e6:.1f} MB fp32; torch {torch.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "

@@ -93,9 +93,19 @@ def make_probe():
 
         def on_step_end(self, args, state, control, **kwargs):
             self.step_ends.append(time.perf_counter())
+            if state.global_step == 2 and os.environ.get("LORAD_BENCH_PROFILE"):  # steady state: step 3 on
+                import torch
+
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                self.profiler.__enter__()
 
         def on_train_end(self, args, state, control, **kwargs):
             self.train_peak_kib = vm_hwm_kib()
+            profiler = getattr(self, "profiler", None)
+            if profiler is not None:
+                profiler.__exit__(None, None, None)
+                Path(os.environ["LORAD_BENCH_PROFILE"]).write_text(
+                    profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
     return Probe()
 
@@ -134,8 +144,7 @@ def lorad_config(data: Path, out: Path, steps: int, bf16: str, **overrides) -> d
         save_steps=10_000,
         logging_steps=1,
         bf16=bf16,
-        **overrides,
-    )
+    ) | overrides  # a sweep row's settings win
 
 
 def worker_lorad(args) -> dict:
@@ -143,7 +152,8 @@ def worker_lorad(args) -> dict:
     from lorad.trainer.recipe import QLoRARecipe, quiet_libraries
 
     overrides = json.loads(args.overrides) if args.overrides else {}
-    cfg = config_from_dict(lorad_config(Path(args.data), Path(args.out), args.steps, args.bf16, **overrides))
+    bf16 = overrides.pop("bf16", args.bf16)  # a sweep row's own precision wins over --bf16
+    cfg = config_from_dict(lorad_config(Path(args.data), Path(args.out), args.steps, bf16, **overrides))
     with quiet_libraries():
         recipe = QLoRARecipe(cfg, echo=lambda msg: None)
         recipe.setup()
@@ -261,6 +271,9 @@ def run_worker(impl: str, data: Path, tmp: Path, args, overrides: dict | None = 
         env["LORAD_TRAIN_PEFT_FORWARD"] = "1"
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if getattr(args, "profile", None):
+        args.profile.mkdir(parents=True, exist_ok=True)
+        env["LORAD_BENCH_PROFILE"] = str(args.profile / f"{impl}-{time.monotonic_ns()}.txt")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp)
     if proc.returncode != 0:
         raise SystemExit(f"{impl} worker failed:\n{proc.stderr[-4000:]}")
@@ -388,6 +401,9 @@ def main() -> None:
     parser.add_argument("--impls", default="plain,lorad", help="side by side: plain, lorad, lorad-peft (comma-separated)")
     parser.add_argument("--sweep", action="store_true", help="the efficient-training table instead of the comparison")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="write each run's torch.profiler table (self CPU time, step 3 on) into this folder "
+                             "(profiling slows the runs: its step times are not the benchmark's)")
     parser.add_argument("--worker", choices=["lorad", "plain"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

@@ -20,13 +20,15 @@ from lorad.clients.types import (
     AdapterInfo,
     AdapterList,
     Chunk,
+    CombineResult,
     Completion,
     DeleteResult,
     LoadResult,
     LoradRPCError,
+    MergeResult,
     UnloadResult,
     UploadResult,
 )
 
-__all__ = ["AdapterInfo", "AdapterList", "AsyncClient", "Chunk", "Client", "Completion", "DeleteResult", "LoadResult",
-           "LoradRPCError", "ROUTING_HEADER", "UnloadResult", "UploadResult"]
+__all__ = ["AdapterInfo", "AdapterList", "AsyncClient", "Chunk", "Client", "CombineResult", "Completion", "DeleteResult",
+           "LoadResult", "LoradRPCError", "MergeResult", "ROUTING_HEADER", "UnloadResult", "UploadResult"]

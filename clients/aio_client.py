@@ -15,15 +15,18 @@ from lorad.clients.types import (
     AdapterInfo,
     AdapterList,
     Chunk,
+    CombineResult,
     Completion,
     DeleteResult,
     LoadResult,
     LoradRPCError,
+    MergeResult,
     UnloadResult,
     UploadResult,
     build_request,
     call_metadata,
     channel_credentials,
+    combine_request,
     resolve_token,
     upload_messages,
 )
@@ -102,6 +105,22 @@ class AsyncClient:
         # the files are read as the stream is sent: a few 1 MiB reads, off the hot path of any loop
         r = await self._call(self._admin.UploadAdapter, upload_messages(folder, adapter_id, replace), timeout)
         return UploadResult(AdapterInfo.from_proto(r.adapter), r.replaced, r.previous_digest, r.bytes_received)
+
+    async def combine_adapters(self, inputs, output_id: str, *, method: str = "linear", rank: int | None = None,
+                         density: float | None = None, majority_sign_method: str = "", seed: int = 0,
+                         replace: bool = False, timeout: float | None = None) -> CombineResult:
+        """Combine adapters the server holds (ids, or (id, weight) pairs) into output_id, served at once
+        (as `lorad combine`: method, rank, density, majority_sign_method, seed)."""
+        request = combine_request(inputs, output_id, method=method, rank=rank, density=density,
+                                  majority_sign_method=majority_sign_method, seed=seed, replace=replace)
+        return CombineResult.from_proto(await self._call(self._admin.CombineAdapters, request, timeout))
+
+    async def merge_adapter(self, adapter_id: str, *, format: str = "hf", output_name: str = "", dtype: str = "",
+                      outtype: str = "", overwrite: bool = False, timeout: float | None = None) -> MergeResult:
+        """Merge an adapter into the base under the server's --export-dir (as `lorad export`), verified."""
+        request = lorad_pb2.MergeAdapterRequest(id=adapter_id, format=format, output_name=output_name, dtype=dtype,
+                                                outtype=outtype, overwrite=overwrite)
+        return MergeResult.from_proto(await self._call(self._admin.MergeAdapter, request, timeout))
 
     async def health(self, *, timeout: float = 5.0, service: str = "") -> str:
         try:

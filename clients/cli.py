@@ -276,3 +276,102 @@ def upload_cmd(ctx, folder, adapter_id, replace, target, token, tls_ca):
             _fail(err)
     what = f"replaced version {r.previous_digest}" if r.replaced else "new"
     click.echo(f"{adapter_id}: uploaded {r.bytes_received} bytes ({what}); serving version {r.adapter.digest}")
+
+
+def _weighted_id(spec: str) -> tuple[str, float]:
+    """'ID' or 'ID:WEIGHT', as `lorad combine` takes folders (weight 1 when omitted)."""
+    head, sep, tail = spec.rpartition(":")
+    if not sep:
+        return spec, 1.0
+    try:
+        return head, float(tail)
+    except ValueError:
+        raise click.BadParameter(f"{spec}: the weight after ':' must be a number, got {tail!r}",
+                                 param_hint="ADAPTER_ID[:WEIGHT]") from None
+
+
+def _combine_cmd():
+    from lorad.deltas.combine import METHODS, CombineConfig
+    from lorad.deltas.methods import SIGN_METHODS
+
+    defaults = CombineConfig()
+
+    @adapters.command("combine")
+    @click.argument("inputs", nargs=-1, required=True, metavar="ADAPTER_ID[:WEIGHT]...")
+    @click.option("--out", "output_id", required=True, help="Id of the combined adapter on the server.")
+    @click.option("--method", type=click.Choice(METHODS), default=defaults.method, show_default=True,
+                  help="How to combine (as `lorad combine`).")
+    @click.option("--rank", type=click.IntRange(min=1), default=None,
+                  help="Output rank [default: the method's; at most the server's --max-lora-rank].")
+    @click.option("--density", type=float, default=defaults.density, show_default=True,
+                  help="Fraction of entries kept (ties, dare_*, magnitude_prune).")
+    @click.option("--majority-sign", type=click.Choice(SIGN_METHODS), default=defaults.majority_sign_method,
+                  show_default=True, help="Sign election of ties / dare_ties.")
+    @click.option("--seed", type=click.IntRange(min=0), default=defaults.seed, show_default=True,
+                  help="Seed of the DARE masks.")
+    @click.option("--replace", is_flag=True, help="Replace an existing adapter with this id.")
+    @_connection_options
+    @click.pass_context
+    def combine_cmd(ctx, inputs, output_id, method, rank, density, majority_sign, seed, replace, target, token,
+                    tls_ca):
+        """Combine adapters the server holds into a new one, served at once.
+
+        \b
+        Examples:
+          lorad adapters combine --out both support sales:0.5
+          lorad adapters combine --method ties --density 0.3 --rank 16 --out merged a b c
+        """
+        pairs = [_weighted_id(s) for s in inputs]
+        with _client(ctx, target, token, tls_ca, timeout=3600) as client:
+            try:
+                r = client.combine_adapters(pairs, output_id, method=method, rank=rank, density=density,
+                                            majority_sign_method=majority_sign, seed=seed, replace=replace)
+            except LoradRPCError as err:
+                _fail(err)
+        for warning in r.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        what = f"replaced version {r.previous_digest}" if r.replaced else "new"
+        click.echo(f"{output_id}: combined {len(pairs)} adapters with {method} ({what}), rank {r.rank}, relative "
+                   f"error {r.overall_error:.2e} (max module {r.max_module_error:.2e}) in {r.seconds:.1f} s; "
+                   f"serving version {r.adapter.digest}")
+
+    return combine_cmd
+
+
+def _merge_cmd():
+    from lorad.deltas.export import FORMATS
+
+    @adapters.command("merge")
+    @click.argument("adapter_id")
+    @click.option("--format", "fmt", type=click.Choice(FORMATS), default="hf", show_default=True,
+                  help="What to write (as `lorad export`).")
+    @click.option("--name", "output_name", default="",
+                  help="Output name inside the server's --export-dir [default: ID-merged, or ID.gguf].")
+    @click.option("--dtype", default="", help="hf: fp32 | bf16 | fp16 [default: the base checkpoint's].")
+    @click.option("--outtype", default="", help="GGUF tensor type [default: the format's].")
+    @click.option("--overwrite", is_flag=True, help="Replace an existing output (after verification).")
+    @_connection_options
+    @click.pass_context
+    def merge_cmd(ctx, adapter_id, fmt, output_name, dtype, outtype, overwrite, target, token, tls_ca):
+        """Merge an adapter into the base on the server, under its --export-dir, verified against serving it.
+
+        \b
+        Examples:
+          lorad adapters merge support
+          lorad adapters merge support --format gguf --outtype q8_0 --name support-q8.gguf
+        """
+        with _client(ctx, target, token, tls_ca, timeout=6 * 3600) as client:
+            try:
+                r = client.merge_adapter(adapter_id, format=fmt, output_name=output_name, dtype=dtype,
+                                         outtype=outtype, overwrite=overwrite)
+            except LoradRPCError as err:
+                _fail(err)
+        click.echo(f"{adapter_id}: merged ({r.format}) -> {r.path} on the server, {r.bytes} bytes in {r.seconds:.1f} s")
+        for line in r.verification:
+            click.echo(f"  check: {line}")
+
+    return merge_cmd
+
+
+combine_cmd = _combine_cmd()
+merge_cmd = _merge_cmd()

@@ -154,6 +154,53 @@ class UploadResult:
     bytes_received: int
 
 
+@dataclass
+class CombineResult:
+    adapter: AdapterInfo
+    replaced: bool
+    previous_digest: str
+    overall_error: float  # relative Frobenius error of the factoring, all modules
+    max_module_error: float
+    rank: int
+    seconds: float
+    warnings: list[str]
+
+    @classmethod
+    def from_proto(cls, r) -> "CombineResult":
+        return cls(AdapterInfo.from_proto(r.adapter), r.replaced, r.previous_digest, r.overall_error,
+                   r.max_module_error, r.rank, r.seconds, list(r.warnings))
+
+
+@dataclass
+class MergeResult:
+    path: str  # on the server, under its --export-dir
+    format: str
+    bytes: int
+    verified: bool
+    verification: list[str]  # one sentence per check
+    max_logprob_error: float
+    seconds: float
+
+    @classmethod
+    def from_proto(cls, r) -> "MergeResult":
+        return cls(r.path, r.format, r.bytes, r.verified, list(r.verification), r.max_logprob_error, r.seconds)
+
+
+def combine_request(inputs, output_id: str, *, method: str = "", rank: int | None = None,
+                    density: float | None = None, majority_sign_method: str = "", seed: int = 0,
+                    replace: bool = False) -> lorad_pb2.CombineAdaptersRequest:
+    """inputs: adapter ids, or (id, weight) pairs (weight 1 for a bare id)."""
+    pairs = [(i, None) if isinstance(i, str) else (i[0], float(i[1])) for i in inputs]
+    request = lorad_pb2.CombineAdaptersRequest(
+        inputs=[lorad_pb2.WeightedAdapter(id=i, weight=w) if w is not None else lorad_pb2.WeightedAdapter(id=i)
+                for i, w in pairs],
+        method=method, rank=rank or 0, majority_sign_method=majority_sign_method, seed=seed, output_id=output_id,
+        replace=replace)
+    if density is not None:
+        request.density = density
+    return request
+
+
 def upload_messages(folder: str | Path, adapter_id: str, replace: bool = False,
                     chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> Iterator[lorad_pb2.UploadAdapterRequest]:
     """The UploadAdapter stream for an adapter folder: the header, then each file in chunks.

@@ -285,8 +285,12 @@ class AdapterConfig:
         bias = raw.get("bias", "none")
         if bias is not None and not isinstance(bias, str):
             raise bad("bias", "must be a string")
-        if bias not in (None, "none"):
-            raise InvalidAdapterError(f"adapter {adapter_id!r}: bias={shorten(bias)} is not supported (only 'none')")
+        # PEFT's bias ("all", "lora_only") trains the base's own biases; Llama-family projections
+        # have none, so such an adapter is a plain LoRA. A file that does hold bias tensors is
+        # refused by their names (_TENSOR_NAME).
+        if bias not in (None, "none", "all", "lora_only"):
+            raise InvalidAdapterError(
+                f"adapter {adapter_id!r}: bias={shorten(bias)} is not one of PEFT's 'none', 'all', 'lora_only'")
         modules_to_save = raw.get("modules_to_save")
         if modules_to_save is not None and not _is_str_list(modules_to_save):
             raise bad("modules_to_save", "must be null or a list of module names")

@@ -247,8 +247,9 @@ def _merge_command():
     @click.option("--from-original", is_flag=True,
                   help="Add the deltas to the original weights, not to dequant(NF4(W)).")
     @click.option("--nf4-dtype", type=click.Choice(list(QUANT_DTYPES)), default=defaults.nf4_dtype, show_default=True,
-                  help="Dtype the base is cast to before NF4, as lorad did when the adapter was trained or served "
-                       "(fp32 on CPU, bf16 on CUDA).")
+                  help="Dtype the base was cast to before NF4 when the adapter was trained or served: "
+                       "fp32 for lorad (lorad.base_model.nf4_source_dtype); bf16 for an adapter from a QLoRA "
+                       "run that loaded its base in bf16.")
     @click.option("--verify-tokens", type=click.IntRange(min=1), default=defaults.verify_tokens, show_default=True,
                   help="Greedy tokens per verification prompt.")
     @click.option("--max-shard-size", default="2GiB", show_default=True, help="Largest safetensors shard.")

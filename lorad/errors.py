@@ -61,5 +61,9 @@ class UnauthenticatedError(LoradError):
     """A call carries no credential, or one the server does not accept."""
 
 
+class ReadOnlyAdaptersError(LoradError):
+    """The adapters folder cannot be written (a read-only mount): it serves, nothing is published."""
+
+
 class PermissionDeniedError(LoradError):
     """The caller is known but may not do this (or the feature is disabled on this server)."""

@@ -262,7 +262,7 @@ KUBE_RESOLVERS = """resolvers kube
 
 
 def kubernetes_config(max_replicas: int = 8, statefulset: str = "lorad", service: str = "lorad-replicas",
-                      grpc_port: int = 50051, metrics_port: int = 9400) -> str:
+                      grpc_port: int = 50051, metrics_port: int = 9400, http_port: int | None = 8000) -> str:
     """The HAProxy config of deploy/kubernetes/haproxy.yaml: one server line per StatefulSet pod name.
 
     Pods have stable names (lorad-0, lorad-1, ...) and so stable ids on the hash ring: every
@@ -270,15 +270,19 @@ def kubernetes_config(max_replicas: int = 8, statefulset: str = "lorad", service
     Servers for pods that do not exist (the StatefulSet has fewer than max_replicas) fail to
     resolve and stay out of the ring until it is scaled up; only their share of adapters moves.
     The namespace comes from the POD_NAMESPACE environment variable (the downward API).
+    http_port: the pods' OpenAI HTTP API (lorad serve --http-port), balanced on the same port of
+    HAProxy with the same affinity (None: gRPC only).
     """
+    def pod(i: int, port: int) -> str:
+        return f'"{statefulset}-{i}.{service}.${{POD_NAMESPACE}}.svc.cluster.local:{port}"'
+
     replicas = [
-        Replica(f"{statefulset}-{i}",
-                f'"{statefulset}-{i}.{service}.${{POD_NAMESPACE}}.svc.cluster.local:{grpc_port}"',
-                metrics_port, id=i + 1, options="resolvers kube init-addr none")
+        Replica(f"{statefulset}-{i}", pod(i, grpc_port), metrics_port, id=i + 1,
+                options="resolvers kube init-addr none", http_address=pod(i, http_port) if http_port else "")
         for i in range(max_replicas)
     ]
     config = BalancerConfig(bind=f":{grpc_port}", runtime_socket="/tmp/haproxy.sock", stats_bind=":8404",
-                            resolvers=KUBE_RESOLVERS)
+                            resolvers=KUBE_RESOLVERS, http_bind=f":{http_port}" if http_port else None)
     return render(config, replicas)
 
 

@@ -51,6 +51,7 @@ from lorad.errors import (
     InvalidAdapterError,
     InvalidRequestError,
     LimitExceededError,
+    ReadOnlyAdaptersError,
 )
 
 from lorad.server.base_match import PROVENANCE_FILE
@@ -202,6 +203,17 @@ class AdapterPublisher:
         except ValueError as exc:
             raise InvalidRequestError(f"id: {exc}") from exc
 
+    def writable(self) -> bool:
+        """False on a read-only adapters folder (a read-only volume shared by replicas): the server
+        still serves what is there; uploads, replaces, deletes and combines are refused."""
+        return os.access(self.root, os.W_OK)
+
+    def check_writable(self) -> None:
+        if not self.writable():
+            raise ReadOnlyAdaptersError("the adapters folder of this server is read-only, so adapters cannot be "
+                                        "uploaded, replaced, deleted or combined here; publish through a replica "
+                                        "that mounts it writable, or copy the folder in")
+
     def exists(self, adapter_id: str) -> bool:
         return (self.root / adapter_id / CONFIG_FILE).is_file()
 
@@ -212,6 +224,9 @@ class AdapterPublisher:
         actions: list[str] = []
         if not self.root.is_dir():
             return actions
+        if not self.writable():
+            return [f"{self.root} is read-only: serving the adapters in it; uploads, replaces, deletes and "
+                    "combines will be refused"]
         with self._renaming():
             for child in sorted(self.root.iterdir()):
                 if child.name.startswith(STAGING_PREFIX) and child.is_dir() and not _held(child):
@@ -236,6 +251,7 @@ class AdapterPublisher:
         """Start receiving an upload; refuses a bad id, an existing id without replace, and one
         upload too many."""
         self._check_id(adapter_id)
+        self.check_writable()
         if not replace and self.exists(adapter_id):
             raise AdapterExistsError(f"adapter {adapter_id!r} already exists; upload with replace to replace it")
         with self._lock:
@@ -290,7 +306,6 @@ class AdapterPublisher:
         os.replace(folder, out)
         _fsync_dir(self.root)
         return out
-
 
     def retire(self, adapter_id: str) -> Path:
         """Rename an adapter's folder out of the adapters folder (the first half of a delete);

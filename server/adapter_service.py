@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from pathlib import Path
 
 from lorad.adapter_format import inspect_adapter, load_adapter
+from lorad.base_model import BaseModelConfig
 from lorad.errors import AdapterNotFoundError, EngineStoppedError, InvalidRequestError, LoradError
 from lorad.v1 import lorad_pb2, lorad_pb2_grpc
 
-from lorad.server import base_match
+from lorad.server import adapter_publish, base_match
 from lorad.server.adapter_manager import Delete, Load, Published, Unload, Unpin
 from lorad.server.adapter_publish import AdapterPublisher, DigestMemo, UploadLimits
+from lorad.server.delta_jobs import DeltaJobs
 from lorad.server.status import message_for, status_for
 
 log = logging.getLogger(__name__)
@@ -32,12 +35,20 @@ BASE_MATCH = {base_match.YES: lorad_pb2.BASE_MATCH_YES, base_match.NO: lorad_pb2
 
 
 class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
-    def __init__(self, adapters_dir: str | None, limits: UploadLimits):
+    def __init__(self, adapters_dir: str | None, limits: UploadLimits, base: BaseModelConfig | None = None,
+                 export_dir: str | None = None):
         self.engine = None  # set once the base is loaded
         self.base_name = ""
+        self.base = base or BaseModelConfig()
+        self.export_dir = export_dir
         self.publisher = AdapterPublisher(adapters_dir, limits) if adapters_dir else None
         self.digests = DigestMemo()
         self._served: base_match.ServedBase | None = None
+        self._delta_jobs: DeltaJobs | None = None
+
+    def close(self) -> None:
+        if self._delta_jobs is not None:
+            self._delta_jobs.close()
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -50,6 +61,13 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
         if self.publisher is None:
             raise InvalidRequestError("this server was started without --adapters; it has nowhere to keep adapters")
         return self.publisher
+
+    def _jobs(self) -> DeltaJobs:
+        if self._delta_jobs is None:
+            engine = self._engine()
+            self._delta_jobs = DeltaJobs(self._publisher(), engine.store.path_for, self.validate,
+                                         engine.config.max_lora_rank, self.base, str(engine.device), self.export_dir)
+        return self._delta_jobs
 
     def served_base(self) -> base_match.ServedBase:
         if self._served is None:
@@ -157,6 +175,7 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
         folder is renamed out of the adapters folder, then removed."""
         try:
             publisher = self._publisher()
+            publisher.check_writable()  # before the engine lets go of it
             report = await self._command(Delete(request.id), context)
             loop = asyncio.get_running_loop()
             # the version deleted: the one in memory, else the files' (an adapter only on disk)
@@ -203,21 +222,93 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
                     upload.write(message.chunk.name, message.chunk.data)
                 published = await loop.run_in_executor(
                     None, upload.finish, lambda path: self.validate(header.id, path))
-            # the model thread retires a replaced version (its running requests finish on it)
-            await self._command(Published(header.id, digest=published.digest), context)
-            await loop.run_in_executor(None, publisher.purge, published.previous_trash)
-            observer = self._engine().observer
-            observer.adapter_event("upload")
-            if published.replaced:
-                observer.adapter_event("replace")
-            listing = await loop.run_in_executor(None, self._listing)
+            info = await self._serve_published(published, "upload", context)
         except Exception as exc:
             await self._fail(context, exc)
             return
         log.info("upload of adapter %s: %d bytes in %.2f s", published.adapter_id, published.bytes_received,
                  time.perf_counter() - started)
-        info = next((i for i in listing.adapters if i.id == published.adapter_id),
-                    lorad_pb2.AdapterInfo(id=published.adapter_id, digest=published.digest))
         return lorad_pb2.UploadAdapterResponse(adapter=info, replaced=published.replaced,
                                                previous_digest=published.previous_digest,
                                                bytes_received=published.bytes_received)
+
+    async def _serve_published(self, published: adapter_publish.Published, action: str,
+                               context) -> lorad_pb2.AdapterInfo:
+        """After a version was renamed into place: the model thread retires a replaced version (its
+        running requests finish on it), the old files go, the counters count; returns its listing."""
+        loop = asyncio.get_running_loop()
+        await self._command(Published(published.adapter_id, digest=published.digest), context)
+        await loop.run_in_executor(None, self._publisher().purge, published.previous_trash)
+        observer = self._engine().observer
+        observer.adapter_event(action)
+        if published.replaced:
+            observer.adapter_event("replace")
+        listing = await loop.run_in_executor(None, self._listing)
+        return next((i for i in listing.adapters if i.id == published.adapter_id),
+                    lorad_pb2.AdapterInfo(id=published.adapter_id, digest=published.digest))
+
+    async def _serve_orphan(self, work) -> None:
+        """A combination whose caller left after the math: if it was published anyway, the model
+        thread still learns of the new version."""
+        try:
+            done = await work
+        except Exception:  # cancelled or failed: nothing was published
+            return
+        self._engine().post(Published(done.published.adapter_id, digest=done.published.digest))
+        await asyncio.get_running_loop().run_in_executor(None, self._publisher().purge, done.published.previous_trash)
+
+    async def CombineAdapters(self, request, context):
+        """`lorad combine` on the server (lorad.server.delta_jobs), published like an upload."""
+        from lorad.deltas.combine import CombineConfig
+
+        loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+        try:
+            jobs = self._jobs()
+            defaults = CombineConfig()
+            config = CombineConfig(method=request.method or defaults.method, rank=request.rank or None,
+                                   density=request.density if request.HasField("density") else defaults.density,
+                                   majority_sign_method=request.majority_sign_method or defaults.majority_sign_method,
+                                   seed=request.seed)
+            inputs = [(i.id, i.weight if i.HasField("weight") else 1.0) for i in request.inputs]
+            work = loop.run_in_executor(jobs.combines, jobs.combine, inputs, config, request.output_id,
+                                        request.replace, cancel)
+            try:
+                done = await asyncio.shield(work)
+            except asyncio.CancelledError:  # the client went away: stop between modules
+                cancel.set()
+                asyncio.ensure_future(self._serve_orphan(work))
+                raise
+            info = await self._serve_published(done.published, "combine", context)
+        except Exception as exc:
+            await self._fail(context, exc)
+            return
+        result = done.result
+        log.info("combined %s into adapter %s (%s, rank %d) in %.2f s", [i for i, _ in inputs],
+                 request.output_id, config.method, done.rank, done.seconds)
+        return lorad_pb2.CombineAdaptersResponse(
+            adapter=info, replaced=done.published.replaced, previous_digest=done.published.previous_digest,
+            overall_error=result.overall_error, max_module_error=result.max_error, rank=done.rank,
+            seconds=done.seconds, warnings=result.warnings)
+
+    async def MergeAdapter(self, request, context):
+        """`lorad export` on the server, into --export-dir, on the merge worker thread."""
+        started = time.perf_counter()
+        try:
+            jobs = self._jobs()
+            # a caller that goes away leaves the merge running to its end (nothing half-written either way)
+            report = await asyncio.shield(asyncio.wrap_future(jobs.submit_merge(
+                request.id, request.format, request.output_name, request.dtype, request.outtype, request.overwrite)))
+            self._engine().observer.adapter_event("merge")
+        except Exception as exc:
+            await self._fail(context, exc)
+            return
+        checks = report.checks or ([report.merge.verification] if report.merge and report.merge.verification else [])
+        log.info("merged adapter %s into %s (%s)", request.id, report.path, report.format)
+        return lorad_pb2.MergeAdapterResponse(
+            path=str(report.path), format=report.format, bytes=report.bytes,
+            verified=all(c.passed for c in checks) and bool(checks or report.adapter_errors),
+            verification=[c.summary() for c in checks] + (
+                [f"{len(report.adapter_errors)} module deltas read back; max relative error "
+                 f"{max(report.adapter_errors.values()):.2e}"] if report.adapter_errors else []),
+            max_logprob_error=max((c.max_logprob_diff for c in checks), default=0.0), seconds=time.perf_counter() - started)

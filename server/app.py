@@ -54,7 +54,8 @@ class LoradServer:
         self.metrics = Metrics()
         self.readiness = Readiness()
         self.frontend = Frontend(config.max_unsent_chunks, on_done=self.metrics.transport_request)
-        self.admin = AdapterManagerService(config.adapters_dir, UploadLimits(max_bytes=config.max_upload_bytes))
+        self.admin = AdapterManagerService(config.adapters_dir, UploadLimits(max_bytes=config.max_upload_bytes),
+                                           base=config.base, export_dir=config.export_dir)
         self.service = GeneratorService(config.base.name, self.frontend, listing=self.admin.listing)
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -193,6 +194,7 @@ class LoradServer:
             if self.engine is not None:
                 await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
         finally:
+            self.admin.close()
             self.model_thread.shutdown()
             self.metrics.close()
             self._stopped.set()

@@ -91,6 +91,9 @@ def _default(name: str):
               help="PEM CA: require client certificates it signed (mTLS).")
 @click.option("--max-upload-bytes", default=f"{_default('max_upload_bytes') / 2**30:g}GiB", show_default=True,
               help="Largest adapter upload accepted (all files together).")
+@click.option("--export-dir", type=click.Path(file_okay=False), default=_default("export_dir"),
+              help="Folder MergeAdapter writes merged models into (off when not given); clients name an "
+                   "output inside it, never a path.")
 @click.option("--grace", "grace_seconds", type=float, default=_default("grace_seconds"), show_default=True,
               help="Seconds in-flight requests get to finish on shutdown.")
 @click.option("--drain-seconds", type=float, default=_default("drain_seconds"), show_default=True,
@@ -106,8 +109,8 @@ def serve(base, quant, device, adapters_dir, host, port, metrics_port, http_port
           max_loras, max_cpu_loras, max_lora_rank,
           max_batch_size, max_seq_len, kv_cache_memory, max_prefill_tokens, max_queue, default_max_new_tokens,
           threads, dequant_memory, lora_backend, max_request_bytes, max_unsent_chunks, admin_token_file,
-          api_token_file, tls_cert, tls_key, tls_client_ca, max_upload_bytes, grace_seconds, drain_seconds,
-          metrics_adapter_ids, log_level):
+          api_token_file, tls_cert, tls_key, tls_client_ca, max_upload_bytes, export_dir, grace_seconds,
+          drain_seconds, metrics_adapter_ids, log_level):
     """Serve one base model and every adapter in --adapters over gRPC (lorad.v1.Generator), and
     with --http-port over an OpenAI-compatible HTTP API where every adapter is a model.
 
@@ -139,6 +142,7 @@ def serve(base, quant, device, adapters_dir, host, port, metrics_port, http_port
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,
             max_upload_bytes=max_upload_bytes,
+            export_dir=export_dir,
             drain_seconds=drain_seconds,
             metrics_adapter_ids=metrics_adapter_ids,
             base=BaseModelConfig(name=base, quant=quant, device=device),

@@ -99,6 +99,8 @@ class ServerConfig:
     tls_cert / tls_key: PEM files; serve TLS instead of plaintext. tls_client_ca: also require
         client certificates signed by this CA (mTLS).
     max_upload_bytes: the most one UploadAdapter may send (all files together).
+    export_dir: the folder MergeAdapter writes merged models into (None: MergeAdapter is off);
+        a client names an output inside it, never a path.
     http_port: the OpenAI-compatible HTTP API (lorad.server.openai_api) on this port, beside gRPC,
         on the same engine; None = off (the default), 0 = any free port. http_host: None = host.
         Its bodies are limited to max_request_bytes and its tokens are api_token_file's.
@@ -127,6 +129,7 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     max_upload_bytes: int = 2 * 2**30
+    export_dir: str | None = None
     http_port: int | None = None
     http_host: str | None = None
     http_max_concurrency: int = 1024

@@ -78,7 +78,7 @@ class Metrics(EngineObserver):
         self.device_reserved = Gauge(
             "lorad_device_memory_reserved_bytes", "torch.cuda.memory_reserved (0 on CPU).", registry=r)
         self.adapter_actions = Counter(
-            "lorad_adapter_actions_total", "Adapter management actions: load, unload, delete, replace, upload.",
+            "lorad_adapter_actions_total", "Adapter management actions: load, unload, delete, replace, upload, combine, merge.",
             ["action"], registry=r)
         self.transport_requests = Counter(
             "lorad_transport_requests_total",

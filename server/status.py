@@ -20,6 +20,7 @@ from lorad.errors import (
     LoradError,
     PermissionDeniedError,
     QueueFullError,
+    ReadOnlyAdaptersError,
     UnauthenticatedError,
 )
 
@@ -30,6 +31,7 @@ _CODES: list[tuple[type, grpc.StatusCode]] = [
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ClientTooSlowError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InvalidAdapterError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ReadOnlyAdaptersError, grpc.StatusCode.FAILED_PRECONDITION),
     (EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (AdapterExistsError, grpc.StatusCode.ALREADY_EXISTS),

@@ -232,3 +232,52 @@ def test_sigkill_mid_upload_leaves_nothing_half_published(tiny_base, tiny_geomet
             assert "half" not in {a.id for a in c.list_adapters().adapters}
             c.upload_adapter(src, "half")  # and the same id uploads cleanly afterwards
             assert c.generate("hi", adapter_id="half", max_new_tokens=2).completion_tokens >= 1
+
+
+def _read_only_mount(source: Path, target: Path) -> bool:
+    """Bind-mount source read-only at target (root with mount rights, as in CI); False where the
+    machine does not allow it."""
+    target.mkdir()
+    if os.geteuid() != 0:
+        return False
+    bind = subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True)
+    if bind.returncode != 0:
+        return False
+    ro = subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], capture_output=True)
+    if ro.returncode != 0:
+        subprocess.run(["umount", str(target)], check=False)
+        return False
+    return True
+
+
+def test_a_read_only_adapters_folder_serves_and_refuses_writes_with_a_sentence(tiny_base, tiny_geometry, tmp_path):
+    """A read-only volume shared by replicas: the server starts, lists and serves its adapters;
+    upload, replace, delete and combine get FAILED_PRECONDITION naming the cause."""
+    source = tmp_path / "adapters"
+    write_random_adapter(source / "there", tiny_geometry, rank=4, seed=3, b_std=0.5)
+    read_only = tmp_path / "read-only"
+    if not _read_only_mount(source, read_only):
+        if os.geteuid() == 0:
+            pytest.skip("this machine does not let root bind-mount a folder read-only")
+        read_only.rmdir()
+        read_only = source
+        os.chmod(read_only, 0o555)  # not root: permissions are enough
+    try:
+        new = write_random_adapter(tmp_path / "new", tiny_geometry, rank=4, seed=4, b_std=0.5)
+        with ServerThread(_config(read_only), tiny_base) as srv, Client(f"127.0.0.1:{srv.port}", timeout=60) as c:
+            assert [a.id for a in c.list_adapters().adapters] == ["there"]
+            base = c.generate("The quick brown fox", max_new_tokens=6)
+            assert c.generate("The quick brown fox", adapter_id="there", max_new_tokens=6).token_ids != base.token_ids
+            for attempt in (lambda: c.upload_adapter(new, "new"), lambda: c.upload_adapter(new, "there", replace=True),
+                            lambda: c.delete_adapter("there")):
+                with pytest.raises(LoradRPCError) as refused:
+                    attempt()
+                assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION, refused.value
+                assert "adapters folder of this server is read-only" in refused.value.details
+            assert c.generate("The quick brown fox", adapter_id="there", max_new_tokens=6).token_ids != base.token_ids
+            assert sorted(p.name for p in read_only.iterdir()) == ["there"]
+    finally:
+        if read_only != source:
+            subprocess.run(["umount", str(read_only)], check=False)
+        else:
+            os.chmod(source, 0o755)

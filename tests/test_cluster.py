@@ -104,6 +104,40 @@ def test_round_robin_spreads_one_adapter_over_every_replica(cluster, round_robin
     assert sorted(served.values()) == [1.0, 1.0, 1.0]
 
 
+def _host_loads(replica) -> float:
+    return MetricsSnapshot(replica.metrics()).sum("lorad_adapter_loads_total", into="host")
+
+
+def test_replace_through_one_replica_is_served_by_the_next_request_on_another(cluster, tmp_path, tiny_geometry):
+    """Replicas share the adapters folder. v1 is uploaded through the balancer and B holds it in
+    memory; a replace published through A must answer B's very next request with v2 (B's admission stats the files: three stats, no
+    re-read), and B reads the files again only once, for the new version."""
+    a, b = cluster.replicas[0], cluster.replicas[1]
+    v1 = write_random_adapter(tmp_path / "v1", tiny_geometry, rank=4, seed=101)
+    v2 = write_random_adapter(tmp_path / "v2", tiny_geometry, rank=4, seed=202)
+    ask = dict(prompt="Hello", adapter_id="replaced-tenant", max_new_tokens=8)
+    with Client(f"127.0.0.1:{a.grpc_port}", timeout=30) as on_a, Client(f"127.0.0.1:{b.grpc_port}", timeout=30) as on_b:
+        with Client(cluster.target, timeout=30) as balanced:  # an upload streams through HAProxy too
+            first = balanced.upload_adapter(v1, "replaced-tenant")
+        old = on_b.generate(**ask)
+        assert old.adapter_version == first.adapter.digest
+        loads = _host_loads(b)
+        assert on_b.generate(**ask).token_ids == old.token_ids  # from B's memory: no read
+        assert _host_loads(b) == loads
+
+        second = on_a.upload_adapter(v2, "replaced-tenant", replace=True)
+        assert second.replaced and second.previous_digest == first.adapter.digest != second.adapter.digest
+        new = on_b.generate(**ask)
+        assert new.adapter_version == second.adapter.digest
+        reference = on_a.generate(**ask)  # the replica that published v2 answers with v2
+        assert reference.adapter_version == second.adapter.digest
+        assert reference.token_ids != old.token_ids  # the two versions answer differently...
+        assert new.token_ids == reference.token_ids  # ...and B answers as v2
+        for _ in range(3):
+            assert on_b.generate(**ask).adapter_version == second.adapter.digest
+        assert _host_loads(b) == loads + 1  # one read of v2; admissions after it only stat the files
+
+
 def _owner(cluster, client, adapter) -> str:
     served = _served_by(cluster, lambda: [
         client.generate("Hello", adapter_id=adapter, max_new_tokens=2) for _ in range(2)])

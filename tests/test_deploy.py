@@ -1,7 +1,8 @@
 """The deployment files are valid and describe the topology the code runs.
 
 * HAProxy configs (local template, both policies; the Kubernetes ConfigMap) pass `haproxy -c`,
-  and the ConfigMap is exactly what `lorad cluster config --kubernetes 8` renders.
+  and the ConfigMap is exactly what `lorad cluster config --kubernetes 8` renders, with its gRPC
+  and its OpenAI HTTP frontends on the ports the manifests expose.
 * Kubernetes manifests validate offline against the API schemas (kubernetes-validate, strict:
   unknown fields are errors), and agree with the HAProxy config and the server's probes.
 * The Grafana dashboard only queries metrics lorad (or HAProxy) really exports.
@@ -109,6 +110,24 @@ def test_kustomization_lists_every_manifest_and_the_dashboard():
     assert (KUBE / dashboard_file).is_file()
 
 
+def _sections(haproxy_cfg: str) -> dict[str, str]:
+    """'frontend NAME' / 'backend NAME' / ... -> the section's indented lines."""
+    sections, name = {}, None
+    for line in haproxy_cfg.splitlines():
+        if line and not line[0].isspace() and not line.startswith("#"):
+            name = line.strip()
+            sections[name] = ""
+        elif name is not None:
+            sections[name] += line + "\n"
+    return sections
+
+
+def _servers(backend: str) -> list[tuple[str, str, str, str]]:
+    """(name, pod host, traffic port, probe port) of each server line of a Kubernetes backend."""
+    return re.findall(r'server (\S+) "(\S+)\.\$\{POD_NAMESPACE\}\.svc\.cluster\.local:(\d+)" id \d+ port (\d+)',
+                      backend)
+
+
 def _args(container) -> dict[str, str]:
     return dict(a.lstrip("-").partition("=")[::2] for a in container["args"])
 
@@ -121,8 +140,7 @@ def test_manifests_describe_the_topology_haproxy_expects():
     [container] = pod["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     haproxy_cfg = docs[("ConfigMap", "lorad-haproxy")]["data"]["haproxy.cfg"]
-    servers = re.findall(r'server (\S+) "(\S+)\.\$\{POD_NAMESPACE\}\.svc\.cluster\.local:(\d+)" id \d+ port (\d+)',
-                         haproxy_cfg)
+    servers = _servers(_sections(haproxy_cfg)["backend lorad"])
     # HAProxy lists every pod the StatefulSet can have, by the headless Service's DNS names and ports
     assert sts["spec"]["replicas"] <= len(servers)
     for i, (name, host, grpc_port, probe_port) in enumerate(servers):
@@ -138,11 +156,51 @@ def test_manifests_describe_the_topology_haproxy_expects():
     args = _args(container)
     assert pod["terminationGracePeriodSeconds"] > float(args["drain-seconds"]) + float(args["grace"])
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # one adapters folder for all replicas, writable: an upload through any of them publishes there
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == "/adapters"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    claim = docs[("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert not mount.get("readOnly") and not volume["persistentVolumeClaim"].get("readOnly")
     annotations = sts["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and int(annotations["prometheus.io/port"]) == ports["metrics"]
     # HAProxy's pods know their namespace, which its server names use
     [proxy] = docs[("Deployment", "lorad-haproxy")]["spec"]["template"]["spec"]["containers"]
     assert any(e["name"] == "POD_NAMESPACE" for e in proxy["env"])
+
+
+def test_manifests_expose_the_http_api_behind_haproxy_with_adapter_affinity():
+    docs = _documents()
+    sts = docs[("StatefulSet", "lorad")]
+    [container] = sts["spec"]["template"]["spec"]["containers"]
+    pod_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    # every pod serves the OpenAI API on the port its container and the headless Service name
+    assert int(_args(container)["http-port"]) == pod_ports["http"]
+    headless = {p["name"]: p for p in docs[("Service", sts["spec"]["serviceName"])]["spec"]["ports"]}
+    assert headless["http"]["port"] == pod_ports["http"] and headless["http"]["targetPort"] == "http"
+
+    sections = _sections(docs[("ConfigMap", "lorad-haproxy")]["data"]["haproxy.cfg"])
+    frontend, backend = sections["frontend lorad_http"], sections["backend lorad_http"]
+    # keyed on the client's x-lorad-adapter header, or else on the OpenAI body's model
+    assert "http-request set-var(txn.route) req.hdr(x-lorad-adapter)" in frontend
+    assert "req.body,json_query('$.model') unless { var(txn.route) -m found }" in frontend
+    assert "option http-buffer-request" in frontend
+    assert "balance hdr(x-lorad-route)\n    hash-type consistent\n    hash-balance-factor 150" in backend
+    assert "uri /ready" in backend
+    # the same pods, names and ids (so the same hash ring) as gRPC, on their HTTP port
+    grpc_servers, http_servers = _servers(sections["backend lorad"]), _servers(backend)
+    assert len(http_servers) == len(grpc_servers) >= sts["spec"]["replicas"]
+    grpc_ids = re.findall(r"server (\S+) \S+ id (\d+)", sections["backend lorad"])
+    assert re.findall(r"server (\S+) \S+ id (\d+)", backend) == grpc_ids
+    for (name, host, port, probe), (g_name, g_host, _, g_probe) in zip(http_servers, grpc_servers):
+        assert (name, host, probe) == (g_name, g_host, g_probe) and int(port) == pod_ports["http"]
+    # HAProxy listens on the port its container and the client-facing Service expose
+    [bind] = re.findall(r"bind :(\d+)", frontend)
+    [proxy] = docs[("Deployment", "lorad-haproxy")]["spec"]["template"]["spec"]["containers"]
+    proxy_ports = {p["name"]: p["containerPort"] for p in proxy["ports"]}
+    assert proxy_ports["http"] == int(bind)
+    public = {p["name"]: p for p in docs[("Service", "lorad")]["spec"]["ports"]}
+    assert public["http"]["targetPort"] == "http"
 
 
 def _exported_metric_names() -> set[str]:

@@ -12,6 +12,7 @@ tiny random Llama (trainer_helpers.tiny_base_dir):
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 
 import pytest
@@ -146,8 +147,12 @@ def test_peak_memory_follows_an_allocation():
 
     probe = PeakMemory("cpu")
     probe.read()  # start an interval
-    block = torch.ones(96 * 2**20 // 4)  # 96 MiB, touched, then given back
-    del block
+    # 96 MiB of fresh pages, touched, then given back: an anonymous mapping, because malloc may
+    # hand a tensor memory this (long-lived, test-suite) process already holds resident
+    block = mmap.mmap(-1, 96 * 2**20)
+    for offset in range(0, len(block), mmap.PAGESIZE):
+        block[offset] = 1
+    block.close()
     high = probe.read()["peak_rss_mib"]  # the interval that held the block
     low = probe.read()["peak_rss_mib"]  # the next one, which did not
     if not probe.resettable:

@@ -269,6 +269,8 @@ def loftq_init_nf4(peft_model, base_location: str) -> int:
     import torch
     from safetensors import safe_open
 
+    from lorad.base_model import dequantize_nf4
+
     files = _weight_files(Path(base_location))
     index = {}
     for path in files:
@@ -287,7 +289,7 @@ def loftq_init_nf4(peft_model, base_location: str) -> int:
         with safe_open(str(index[key]), framework="pt") as f:
             original = f.get_tensor(key).float()  # [out, in]
         with torch.no_grad():
-            quantized = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).float()  # [out, in]
+            quantized = dequantize_nf4(base.weight)  # [out, in] float32, as served
             r = module.r["default"]
             u, s, vh = torch.linalg.svd(original - quantized, full_matrices=False)
             root = s[:r].sqrt() / math.sqrt(module.scaling["default"])

@@ -1,8 +1,8 @@
 """dequant(NF4(W)): the base weights a QLoRA-trained or NF4-served adapter actually saw.
 
-`lorad serve` (and `lorad train`) load the base with bitsandbytes NF4, double quantization,
-blocksize 64, after casting the weights to the compute dtype (float32 on CPU, bfloat16 on CUDA:
-lorad.base_model.default_compute_dtype). Every Linear projection of every layer is quantized,
+`lorad serve` and `lorad train` load the base with bitsandbytes NF4, double quantization,
+blocksize 64, after casting the weights to float32 whatever the compute dtype
+(lorad.base_model.nf4_source_dtype). Every Linear projection of every layer is quantized,
 whether an adapter targets it or not; embeddings, norms and lm_head are not. Merging an adapter
 into dequant(NF4(W)) therefore gives the function the adapter was trained and served against;
 merging into W gives a slightly different one (the NF4 rounding, about 10% of each weight's

@@ -162,6 +162,88 @@ class ListAdaptersResponse(_message.Message):
     max_pinned: int
     def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., base_model: _Optional[str] = ..., max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_pinned: _Optional[int] = ...) -> None: ...
 
+class WeightedAdapter(_message.Message):
+    __slots__ = ("id", "weight")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    weight: float
+    def __init__(self, id: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class CombineAdaptersRequest(_message.Message):
+    __slots__ = ("inputs", "method", "rank", "density", "majority_sign_method", "seed", "output_id", "replace")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    MAJORITY_SIGN_METHOD_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    inputs: _containers.RepeatedCompositeFieldContainer[WeightedAdapter]
+    method: str
+    rank: int
+    density: float
+    majority_sign_method: str
+    seed: int
+    output_id: str
+    replace: bool
+    def __init__(self, inputs: _Optional[_Iterable[_Union[WeightedAdapter, _Mapping]]] = ..., method: _Optional[str] = ..., rank: _Optional[int] = ..., density: _Optional[float] = ..., majority_sign_method: _Optional[str] = ..., seed: _Optional[int] = ..., output_id: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class CombineAdaptersResponse(_message.Message):
+    __slots__ = ("adapter", "replaced", "previous_digest", "overall_error", "max_module_error", "rank", "seconds", "warnings")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    OVERALL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODULE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    adapter: AdapterInfo
+    replaced: bool
+    previous_digest: str
+    overall_error: float
+    max_module_error: float
+    rank: int
+    seconds: float
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, adapter: _Optional[_Union[AdapterInfo, _Mapping]] = ..., replaced: _Optional[bool] = ..., previous_digest: _Optional[str] = ..., overall_error: _Optional[float] = ..., max_module_error: _Optional[float] = ..., rank: _Optional[int] = ..., seconds: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MergeAdapterRequest(_message.Message):
+    __slots__ = ("id", "format", "output_name", "dtype", "outtype", "overwrite")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    OUTTYPE_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    format: str
+    output_name: str
+    dtype: str
+    outtype: str
+    overwrite: bool
+    def __init__(self, id: _Optional[str] = ..., format: _Optional[str] = ..., output_name: _Optional[str] = ..., dtype: _Optional[str] = ..., outtype: _Optional[str] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+
+class MergeAdapterResponse(_message.Message):
+    __slots__ = ("path", "format", "bytes", "verified", "verification", "max_logprob_error", "seconds")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOGPROB_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    format: str
+    bytes: int
+    verified: bool
+    verification: _containers.RepeatedScalarFieldContainer[str]
+    max_logprob_error: float
+    seconds: float
+    def __init__(self, path: _Optional[str] = ..., format: _Optional[str] = ..., bytes: _Optional[int] = ..., verified: _Optional[bool] = ..., verification: _Optional[_Iterable[str]] = ..., max_logprob_error: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("id", "pin")
     ID_FIELD_NUMBER: _ClassVar[int]

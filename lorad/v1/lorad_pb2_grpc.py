@@ -234,6 +234,16 @@ class AdapterManagerStub:
                 request_serializer=lorad_dot_v1_dot_lorad__pb2.GetAdapterRequest.SerializeToString,
                 response_deserializer=lorad_dot_v1_dot_lorad__pb2.AdapterInfo.FromString,
                 _registered_method=True)
+        self.CombineAdapters = channel.unary_unary(
+                '/lorad.v1.AdapterManager/CombineAdapters',
+                request_serializer=lorad_dot_v1_dot_lorad__pb2.CombineAdaptersRequest.SerializeToString,
+                response_deserializer=lorad_dot_v1_dot_lorad__pb2.CombineAdaptersResponse.FromString,
+                _registered_method=True)
+        self.MergeAdapter = channel.unary_unary(
+                '/lorad.v1.AdapterManager/MergeAdapter',
+                request_serializer=lorad_dot_v1_dot_lorad__pb2.MergeAdapterRequest.SerializeToString,
+                response_deserializer=lorad_dot_v1_dot_lorad__pb2.MergeAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class AdapterManagerServicer:
@@ -293,6 +303,25 @@ class AdapterManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CombineAdapters(self, request, context):
+        """`lorad combine` on the server: combine adapters it holds, in delta space, into a new
+        adapter published like an upload (servable as soon as the call returns). Unknown input:
+        NOT_FOUND; inputs of different bases or a result above --max-lora-rank:
+        FAILED_PRECONDITION; an existing output without `replace`: ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MergeAdapter(self, request, context):
+        """`lorad export` on the server: merge an adapter into the base and write the merged folder
+        (or a GGUF) under the server's --export-dir, verified against serving the adapter. Runs
+        on a side thread, one at a time (RESOURCE_EXHAUSTED while one runs); serving goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdapterManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -330,6 +359,16 @@ def add_AdapterManagerServicer_to_server(servicer, server):
                     servicer.GetAdapter,
                     request_deserializer=lorad_dot_v1_dot_lorad__pb2.GetAdapterRequest.FromString,
                     response_serializer=lorad_dot_v1_dot_lorad__pb2.AdapterInfo.SerializeToString,
+            ),
+            'CombineAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.CombineAdapters,
+                    request_deserializer=lorad_dot_v1_dot_lorad__pb2.CombineAdaptersRequest.FromString,
+                    response_serializer=lorad_dot_v1_dot_lorad__pb2.CombineAdaptersResponse.SerializeToString,
+            ),
+            'MergeAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeAdapter,
+                    request_deserializer=lorad_dot_v1_dot_lorad__pb2.MergeAdapterRequest.FromString,
+                    response_serializer=lorad_dot_v1_dot_lorad__pb2.MergeAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -525,6 +564,60 @@ class AdapterManager:
             '/lorad.v1.AdapterManager/GetAdapter',
             lorad_dot_v1_dot_lorad__pb2.GetAdapterRequest.SerializeToString,
             lorad_dot_v1_dot_lorad__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CombineAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorad.v1.AdapterManager/CombineAdapters',
+            lorad_dot_v1_dot_lorad__pb2.CombineAdaptersRequest.SerializeToString,
+            lorad_dot_v1_dot_lorad__pb2.CombineAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorad.v1.AdapterManager/MergeAdapter',
+            lorad_dot_v1_dot_lorad__pb2.MergeAdapterRequest.SerializeToString,
+            lorad_dot_v1_dot_lorad__pb2.MergeAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
