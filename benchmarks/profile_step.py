@@ -25,7 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 
 
@@ -100,6 +100,7 @@ def main() -> None:
     from lorad.geometry import ModelGeometry
     from lorad.server.config import EngineConfig
     from lorad.server.engine import Engine
+    from lorad.server.requests import Probe
     from lorad.server.sampling import SamplingParams
     from lorad.testing import write_random_adapter
 
@@ -118,9 +119,14 @@ def main() -> None:
         engine.submit(prompt, SamplingParams(max_new_tokens=4096, ignore_eos=True), lambda e: None,
                       adapter_id=adapter)
 
-    def iterate():  # one loop iteration of the engine, on this thread
+    def iterate():  # one loop iteration of the engine (Engine._loop), on this thread
         engine._waiting.extend(engine._inbox)
         engine._inbox.clear()
+        messages, engine._messages = engine._messages, deque()
+        for message in messages:  # adapter loads go through the adapter manager's messages
+            if not isinstance(message, Probe):
+                engine.adapters.handle(message)
+        engine.adapters.progress()
         engine._admit()
         if engine._running:
             engine._step()
