@@ -366,7 +366,11 @@ class AdapterManager:
                 failed = self._failed_error(adapter_id)
                 if failed is not None:
                     raise failed
-                self._start_load(adapter_id)
+                if self.pool.has_idle_slot():
+                    self._start_load(adapter_id)
+                # else every slot is held by running requests: read it once one frees. Reading now,
+                # several waiting Loads beyond the host cache's size evict each other's copies and
+                # re-read from disk every iteration (tests/test_adapter_manager.py, seed 11).
                 self._pending_loads.append(command)  # answered when the read lands (LoadDone)
                 return
             started = time.perf_counter()

@@ -205,8 +205,12 @@ class AdapterPublisher:
 
     def writable(self) -> bool:
         """False on a read-only adapters folder (a read-only volume shared by replicas): the server
-        still serves what is there; uploads, replaces, deletes and combines are refused."""
-        return os.access(self.root, os.W_OK)
+        still serves what is there; uploads, replaces, deletes and combines are refused. A folder
+        not made yet is writable where its nearest existing parent is (the first upload makes it)."""
+        path = self.root
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return os.access(path, os.W_OK)
 
     def check_writable(self) -> None:
         if not self.writable():

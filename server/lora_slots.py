@@ -101,6 +101,10 @@ class LoRASlotPool:
     def slots_used(self) -> int:
         return sum(1 for a in self.adapter_in if a is not None)
 
+    def has_idle_slot(self) -> bool:
+        """Whether some slot is held by no running request or pin (acquire_load would succeed)."""
+        return bool(self._idle)
+
     def lookup(self, adapter_id: str) -> int | None:
         return self.slot_of.get(adapter_id)
 

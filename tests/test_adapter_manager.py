@@ -248,3 +248,30 @@ def test_pins_are_bounded_and_survive_pressure(tmp_path):
     h.command(Load("c", pin=True))
     h.manager.check_invariants([])
     h.manager.close()
+
+
+def test_loads_waiting_for_a_slot_do_not_thrash_the_host_cache(tmp_path):
+    """Every slot held by running requests, more Loads waiting than the host cache holds: no read
+    starts until a slot frees (reading then made the waiting Loads evict each other's host copies
+    and re-read them from disk every iteration; found by the state machine, seed 11)."""
+    h = Harness(tmp_path / "adapters")
+    for i, adapter_id in enumerate(IDS + ("e", "f")):
+        write_random_adapter(h.root / adapter_id, GEOMETRY, rank=2, seed=i)
+    held = [h.acquire(adapter_id)[0] for adapter_id in IDS[:SLOTS]]  # three running requests, three slots
+    waiting = [Load(adapter_id) for adapter_id in ("d", "e", "f")]  # 3 > host_capacity 2
+    for command in waiting:
+        h.manager.handle(command)
+    for _ in range(20):
+        h.pump()
+        assert not h.manager._loading and not any(c.done.done() for c in waiting)
+    h.manager.release(held[0])  # one slot frees: the waiting Loads go through it one after another
+    for command in waiting:
+        for _ in range(100):
+            if command.done.done():
+                break
+            h.pump()
+        assert command.done.result(timeout=0).digest == adapter_digest(h.root / command.adapter_id)
+    for slot in held[1:]:
+        h.manager.release(slot)
+    h.manager.check_invariants([])
+    h.manager.close()
