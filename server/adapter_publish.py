@@ -53,8 +53,9 @@ from lorad.errors import (
     LimitExceededError,
     ReadOnlyAdaptersError,
 )
-
+from lorad.files import fsync_path, sha256_file
 from lorad.server.base_match import PROVENANCE_FILE
+from lorad.server.config import ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +120,6 @@ def renames_paused(root: Path):
 # --- digests ----------------------------------------------------------------------------------
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def combine_digests(file_digests: dict[str, str]) -> str:
     """The version digest from per-file sha256 hex digests: sha256 over
     "<name>\\0<file sha256>\\n" for each present file of DIGEST_FILES, in that order."""
@@ -140,7 +133,7 @@ def combine_digests(file_digests: dict[str, str]) -> str:
 def adapter_digest(path: str | Path) -> str:
     """Content digest of an adapter folder ("sha256:<hex>"): equal digests mean equal files."""
     path = Path(path)
-    return combine_digests({name: file_sha256(path / name) for name in DIGEST_FILES if (path / name).is_file()})
+    return combine_digests({name: sha256_file(path / name) for name in DIGEST_FILES if (path / name).is_file()})
 
 
 # --- limits -----------------------------------------------------------------------------------
@@ -151,7 +144,7 @@ class UploadLimits:
     """max_bytes: all files of one upload together; max_json_bytes: adapter_config.json and
     lorad_provenance.json each; max_concurrent: uploads received at once (more are refused)."""
 
-    max_bytes: int = 2 * 2**30
+    max_bytes: int = ServerConfig.max_upload_bytes  # the flag's default, one copy
     max_json_bytes: int = 2**20
     max_concurrent: int = 2
 
@@ -168,14 +161,6 @@ class Published:
 
 
 # --- the publisher ----------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class AdapterPublisher:
@@ -292,7 +277,7 @@ class AdapterPublisher:
                     os.replace(upload.staging, target)
             else:
                 os.replace(upload.staging, target)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
         if published.replaced:  # read outside the lock: readers of a missing folder wait on it
             published.previous_digest = adapter_digest(published.previous_trash)
         log.info("published adapter %s (%s)%s", upload.adapter_id, digest,
@@ -308,7 +293,7 @@ class AdapterPublisher:
         self.trash.mkdir(exist_ok=True)
         out = self.trash / f"{op}-{adapter_id}-{secrets.token_hex(4)}"
         os.replace(folder, out)
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         return out
 
     def retire(self, adapter_id: str) -> Path:
@@ -420,7 +405,7 @@ class Upload:
             validate(self.staging)
             self._lock_handle.close()  # the flock goes with it: a folder about to be renamed
             (self.staging / _STAGING_LOCK).unlink()
-            _fsync_dir(self.staging)
+            fsync_path(self.staging)
             published = self.publisher._publish(self, digest)
             self._done = True
             return published

@@ -71,10 +71,11 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _too_large(self, send) -> None:
-        body = json.dumps({"error": {
-            "message": f"the request body is larger than this server's limit of {self.max_bytes} bytes "
-                       "(--max-request-bytes)",
-            "type": "invalid_request_error", "param": None, "code": "request_too_large"}}).encode()
+        from lorad.server.openai_api import error_object  # here: openai_api imports this module
+
+        body = json.dumps({"error": error_object(
+            413, f"the request body is larger than this server's limit of {self.max_bytes} bytes (--max-request-bytes)",
+            code="request_too_large")}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})

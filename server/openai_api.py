@@ -71,11 +71,14 @@ def _timeout(value: str | None) -> float | None:
     return seconds
 
 
+def error_object(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error object (the value of "error" in a response body, or of an SSE error event)."""
+    return {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param, "code": code}
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
-                      "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse({"error": error_object(status, message, param, code)}, status_code=status, headers=headers)
 
 
 def error_body(error: BaseException) -> tuple[int, dict, dict]:
@@ -86,8 +89,7 @@ def error_body(error: BaseException) -> tuple[int, dict, dict]:
     headers = {"Retry-After": "1"} if status in (429, 503) else {}
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    body = {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
-            "param": match.group(1) if match else None, "code": status_for(error).name.lower()}
+    body = error_object(status, message, match.group(1) if match else None, status_for(error).name.lower())
     return status, body, headers
 
 
@@ -226,8 +228,9 @@ def _sse(data: dict | str) -> str:
 
 class OpenAIApi:
     def __init__(self, frontend: Frontend, readiness: Readiness, policy: AccessPolicy,
-                 listing: Callable[[], Awaitable], base_name: str, observer=None, max_concurrency: int = 1024,
-                 max_body_bytes: int = 4 * 2**20):
+                 listing: Callable[[], Awaitable], base_name: str, *, max_concurrency: int, max_body_bytes: int,
+                 observer=None):
+        # the limits come from ServerConfig (http_max_concurrency, max_request_bytes): no second default
         self.frontend = frontend
         self.readiness = readiness
         self.policy = policy

@@ -24,6 +24,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorad.files import fsync_path
 from lorad.trainer.errors import CheckpointError, ResumeMismatchError
 
 CHECKPOINTS = "checkpoints"
@@ -60,20 +61,12 @@ def final_dir(root: Path, step: int) -> Path:
 # ---- durability helpers (module-level so a test can stall the writer at an exact point) ------
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(folder: Path) -> None:
     """fsync every file in a folder, then the folder itself."""
     for child in sorted(folder.iterdir()):
         if child.is_file():
-            _fsync_path(child)
-    _fsync_path(folder)
+            fsync_path(child)
+    fsync_path(folder)
 
 
 def commit(staging: Path, final: Path) -> None:
@@ -81,7 +74,7 @@ def commit(staging: Path, final: Path) -> None:
     if final.exists():  # a previous attempt died after its rename but before its marker
         remove_checkpoint(final)
     os.rename(staging, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
 
 
 def write_marker(final: Path, step: int) -> None:
@@ -93,7 +86,7 @@ def write_marker(final: Path, step: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final / MARKER)
-    _fsync_path(final)
+    fsync_path(final)
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -171,7 +164,7 @@ def remove_checkpoint(path: Path) -> None:
     marker = path / MARKER
     if marker.exists():
         marker.unlink()
-        _fsync_path(path)
+        fsync_path(path)
     shutil.rmtree(path, ignore_errors=True)
 
 

@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorad.files import sha256_file
 from lorad.trainer.config import DatasetConfig, PromptFormat, TrainConfig
 from lorad.trainer.errors import DataError
 
@@ -96,14 +97,6 @@ class PreparedData:
 # Reading rows
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_jsonl(path: Path) -> list[tuple[dict, str]]:
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -177,7 +170,7 @@ def _read_saved_dataset(path: Path, ds: DatasetConfig) -> list[tuple[dict, str]]
 def _folder_digest(path: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.relative_to(path).parts):
-        h.update(p.relative_to(path).as_posix().encode() + b"\0" + _sha256_file(p).encode())
+        h.update(p.relative_to(path).as_posix().encode() + b"\0" + sha256_file(p).encode())
     return h.hexdigest()
 
 
@@ -245,7 +238,7 @@ def read_rows(ds: DatasetConfig) -> tuple[list[tuple[dict, str]], str]:
         if kind == "json" and path.suffix.lower() == ".jsonl":
             reader = _read_jsonl
         rows = reader(path)
-        digest = _sha256_file(path)
+        digest = sha256_file(path)
     if not rows:
         raise DataError(f"dataset {ds.path!r} has no rows")
     for row, where in rows:

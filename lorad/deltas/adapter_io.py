@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -40,6 +39,7 @@ import torch
 
 from lorad.adapter_format import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE
 from lorad.errors import InvalidAdapterError
+from lorad.files import fsync_path, sha256_file
 
 PROVENANCE_FILE = "lorad_provenance.json"
 PROVENANCE_FORMAT = "lorad-provenance/1"
@@ -161,11 +161,7 @@ def read_config(path: Path) -> dict:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
+    return "sha256:" + sha256_file(path)
 
 
 def read_adapter(path: str | Path) -> Adapter:
@@ -309,14 +305,6 @@ def peft_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], base_mod
     return tensors, config
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_adapter(output_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict,
                   provenance: dict | None = None) -> Path:
     """Write an adapter folder: the only place in lorad that writes adapter_model.safetensors.
@@ -350,7 +338,7 @@ def write_adapter(output_dir: str | Path, tensors: dict[str, torch.Tensor], conf
             with open(staging / name, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(staging / name, output_dir / name)
-        _fsync(output_dir)
+        fsync_path(output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir
