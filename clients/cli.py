@@ -292,7 +292,7 @@ def _weighted_id(spec: str) -> tuple[str, float]:
 
 def _combine_cmd():
     from lorad.deltas.combine import METHODS, CombineConfig
-    from lorad.deltas.methods import SIGN_METHODS
+    from lorad.deltas_cli import combine_knobs
 
     defaults = CombineConfig()
 
@@ -303,12 +303,7 @@ def _combine_cmd():
                   help="How to combine (as `lorad combine`).")
     @click.option("--rank", type=click.IntRange(min=1), default=None,
                   help="Output rank [default: the method's; at most the server's --max-lora-rank].")
-    @click.option("--density", type=float, default=defaults.density, show_default=True,
-                  help="Fraction of entries kept (ties, dare_*, magnitude_prune).")
-    @click.option("--majority-sign", type=click.Choice(SIGN_METHODS), default=defaults.majority_sign_method,
-                  show_default=True, help="Sign election of ties / dare_ties.")
-    @click.option("--seed", type=click.IntRange(min=0), default=defaults.seed, show_default=True,
-                  help="Seed of the DARE masks.")
+    @combine_knobs
     @click.option("--replace", is_flag=True, help="Replace an existing adapter with this id.")
     @_connection_options
     @click.pass_context

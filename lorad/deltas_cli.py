@@ -129,11 +129,27 @@ Knobs:
 """
 
 
-def _combine_command():
-    from lorad.deltas.combine import METHODS, CombineConfig
+def combine_knobs(command):
+    """--density, --majority-sign and --seed with CombineConfig's defaults: the knobs that
+    `lorad combine` (folders) and `lorad adapters combine` (ids on a server) share."""
+    from lorad.deltas.combine import CombineConfig
     from lorad.deltas.methods import SIGN_METHODS
 
     defaults = CombineConfig()
+    for option in reversed([
+        click.option("--density", type=float, default=defaults.density, show_default=True,
+                     help="Fraction of entries kept (ties, dare_*, magnitude_prune)."),
+        click.option("--majority-sign", type=click.Choice(SIGN_METHODS), default=defaults.majority_sign_method,
+                     show_default=True, help="Sign election of ties / dare_ties."),
+        click.option("--seed", type=click.IntRange(min=0), default=defaults.seed, show_default=True,
+                     help="Seed of the DARE masks."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _combine_command():
+    from lorad.deltas.combine import METHODS
 
     @click.command("combine", context_settings=_CTX, help=_COMBINE_HELP)
     @click.option("--method", type=click.Choice(METHODS), required=True, help="How to combine (see above).")
@@ -141,12 +157,7 @@ def _combine_command():
                   help="Folder to write the combined adapter into (PEFT format + lorad_provenance.json).")
     @click.option("--rank", type=click.IntRange(min=1), default=None,
                   help="Output rank [default: sum of input ranks; svd: the largest input rank].")
-    @click.option("--density", type=float, default=defaults.density, show_default=True,
-                  help="Fraction of entries kept (ties, dare_*, magnitude_prune).")
-    @click.option("--majority-sign", type=click.Choice(SIGN_METHODS), default=defaults.majority_sign_method,
-                  show_default=True, help="Sign election of ties / dare_ties.")
-    @click.option("--seed", type=click.IntRange(min=0), default=defaults.seed, show_default=True,
-                  help="Seed of the DARE masks.")
+    @combine_knobs
     @click.option("--force", is_flag=True, help="Write into --out even if it already holds an adapter.")
     @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER_DIR[:WEIGHT]...")
     def combine_cmd(method, out_dir, rank, density, majority_sign, seed, force, adapters):
