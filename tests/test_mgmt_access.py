@@ -168,3 +168,21 @@ def test_tls_and_mtls_round_trips(tiny_base, adapters_dir, tmp_path):
             assert _code(lambda: no_cert.generate("hi", max_new_tokens=2)) == grpc.StatusCode.UNAVAILABLE
         with Client(target, timeout=5, tls_ca=ca_pem, client_cert=stranger_pem, client_key=stranger_key) as stranger:
             assert _code(lambda: stranger.generate("hi", max_new_tokens=2)) == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("token, words", [(None, "UNAUTHENTICATED"), (API, "PERMISSION_DENIED")])
+def test_train_push_without_the_admin_token_fails_before_training(token_server, tmp_path, token, words):
+    """`lorad train --push` checks the token with an admin call first: a wrong one costs seconds,
+    not a training run whose upload is then refused."""
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from lorad.cli import main
+
+    example = Path(__file__).resolve().parents[1] / "trainer" / "examples" / "storyteller.yaml"
+    args = ["train", str(example), "--push", token_server, "--set", f"output_dir={tmp_path / 'out'}"]
+    result = CliRunner().invoke(main, args + (["--token", token] if token else []), env={"LORAD_TOKEN": None})
+    assert result.exit_code == 1, result.output
+    assert "refuses adapter uploads from this client" in result.output and words in result.output
+    assert "nothing was trained" in result.output and not (tmp_path / "out").exists()

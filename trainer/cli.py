@@ -81,9 +81,18 @@ def _check_push_target(target: str, token: str | None, tls_ca: str | None) -> No
     from lorad.clients import Client, LoradRPCError
     from lorad.trainer.errors import PushError
 
+    import grpc
+
     try:
         with Client(target, timeout=10, token=token, tls_ca=tls_ca, retries=0) as client:
             client.health(timeout=10)
+            try:  # an admin call: a missing or wrong token shows now, not after hours of training
+                client.get_adapter(".lorad-push-check", timeout=10)
+            except LoradRPCError as err:
+                if err.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                    raise PushError(f"--push {target}: the server refuses adapter uploads from this client "
+                                    f"({err.code.name}: {err.details}); nothing was trained. Give its admin "
+                                    "token with --token or LORAD_TOKEN") from None
     except LoradRPCError as err:
         raise PushError(f"--push {target}: the server cannot be reached ({err.code.name}: {err.details}); "
                         "nothing was trained. Start `lorad serve` there first, or drop --push") from None
