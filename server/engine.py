@@ -337,6 +337,9 @@ class Engine:
                     stepped = bool(self._running)
                     if stepped:
                         self._step()
+                        # requests that ended released their slots: a Load waiting for one goes
+                        # now, since the loop may sleep next (nothing running, nothing queued)
+                        self.adapters.progress()
                         self._publish_counts()
                         self._publish_residency()
                     self._answer(probes)

@@ -426,3 +426,34 @@ def test_random_walk_of_management_under_traffic(server, tiny_geometry, tmp_path
           f"background requests {dict(sorted(traffic.done.items()))}")
     assert min(counts.values()) >= 10, counts
     assert sum(n for k, n in traffic.done.items() if k.endswith(":ok")) >= 50, traffic.done
+
+
+def test_load_waiting_for_the_only_slot_goes_when_the_last_request_ends(tiny_base, tiny_geometry, tmp_path):
+    """One slot, held by a running request: a Load of another adapter waits for it, and is
+    answered once that request ends, with no other traffic (the loop used to sleep with the
+    Load still pending, until some unrelated request woke it)."""
+    from lorad.server.adapter_manager import Load
+    from lorad.server.sampling import SamplingParams
+
+    root = tmp_path / "adapters"
+    for i, name in enumerate(("a", "b")):
+        write_random_adapter(root / name, tiny_geometry, rank=4, seed=i, b_std=0.5)
+    with ServerThread(_config(root, max_loras=1, max_cpu_loras=2, max_seq_len=512), tiny_base) as srv:
+        engine = srv.engine
+        started, ended = threading.Event(), threading.Event()
+
+        def sink(event):
+            started.set()
+            if event.kind != "chunk":
+                ended.set()
+
+        engine.submit(list(range(5, 15)), SamplingParams(max_new_tokens=400, ignore_eos=True), sink, adapter_id="a")
+        assert started.wait(30)
+        load = Load("b")
+        engine.post(load)
+        assert engine.probe(lambda e: bool(e._running) and load in e.adapters._pending_loads).result(30), \
+            "the Load must wait for the slot the running request holds"
+        assert ended.wait(60)
+        report = load.done.result(timeout=30)  # hung here: nothing woke the loop
+        assert report.digest == adapter_digest(root / "b")
+        _check_tables(engine, quiet=True)
