@@ -343,7 +343,12 @@ def _held(staging: Path) -> bool:
 
 class Upload:
     """One upload being received into its staging folder. Use as a context manager: leaving it
-    without finish() (an error, a client that went away) removes everything it wrote."""
+    without finish() (an error, a client that went away) removes everything it wrote.
+
+    finish() may run on a worker thread while the caller leaves the context (a client that
+    cancelled mid-validation): once finish has started, abort() does nothing and finish alone
+    publishes or cleans up, so the staging folder is never removed under the validator and the
+    publisher's upload slot is released exactly once."""
 
     def __init__(self, publisher: AdapterPublisher, adapter_id: str, replace: bool, expected_digest: str, staging: Path):
         self.publisher = publisher
@@ -358,7 +363,9 @@ class Upload:
         self._name: str | None = None
         self._sizes: dict[str, int] = {}
         self._hashes: dict[str, "hashlib._Hash"] = {}
-        self._done = False
+        self._state = threading.Lock()  # guards _done / _finishing: finish and abort race on cancel
+        self._done = False  # published or cleaned up; the upload slot is released
+        self._finishing = False  # finish() owns the outcome from here on
 
     def __enter__(self) -> "Upload":
         return self
@@ -407,6 +414,11 @@ class Upload:
 
     def finish(self, validate: Callable[[Path], object]) -> Published:
         """Validate the received folder with `validate(path)` (raises to refuse), then publish it."""
+        with self._state:
+            if self._done or self._finishing:
+                raise InvalidRequestError(f"the upload of {self.adapter_id!r} was already finished or abandoned")
+            self._finishing = True
+        published = None
         try:
             self._close_file()
             for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -422,18 +434,25 @@ class Upload:
             (self.staging / _STAGING_LOCK).unlink()
             _fsync_dir(self.staging)
             published = self.publisher._publish(self, digest)
-            self._done = True
             return published
         finally:
-            if not self._done:
-                self.abort()
+            with self._state:
+                self._done = True
+            if published is None:
+                self._remove()
             else:
                 self.publisher._release_slot()
 
     def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
+        """Remove what was received and free the upload slot; a no-op once finish() has started."""
+        with self._state:
+            if self._done or self._finishing:
+                return
+            self._done = True
+        self._remove()
+
+    def _remove(self) -> None:
+        """Close, remove the staging folder, free the upload slot (once: whoever set _done)."""
         try:
             if self._file is not None:
                 self._file.close()
