@@ -18,7 +18,7 @@ from lorad.errors import AdapterNotFoundError, EngineStoppedError, InvalidReques
 from lorad.v1 import lorad_pb2, lorad_pb2_grpc
 
 from lorad.server import adapter_publish, base_match
-from lorad.server.adapter_manager import Delete, Load, Published, Unload, Unpin
+from lorad.server.adapter_manager import Delete, Load, Published, Undelete, Unload, Unpin
 from lorad.server.adapter_publish import AdapterPublisher, DigestMemo, UploadLimits
 from lorad.server.delta_jobs import DeltaJobs
 from lorad.server.status import message_for, status_for
@@ -176,11 +176,17 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
         try:
             publisher = self._publisher()
             publisher.check_writable()  # before the engine lets go of it
-            report = await self._command(Delete(request.id), context)
             loop = asyncio.get_running_loop()
-            # the version deleted: the one in memory, else the files' (an adapter only on disk)
-            digest = report.digest or await loop.run_in_executor(None, self.digests.digest, publisher.root / request.id)
-            trash = await loop.run_in_executor(None, publisher.retire, request.id)
+            try:
+                report = await self._command(Delete(request.id), context)
+                # the version deleted: the one in memory, else the files' (an adapter only on disk)
+                digest = report.digest or await loop.run_in_executor(
+                    None, self.digests.digest, publisher.root / request.id)
+                trash = await loop.run_in_executor(None, publisher.retire, request.id)
+            except BaseException:  # a deadline, a cancel, a failed rename: the folder stays, so it serves
+                if (publisher.root / request.id).is_dir():
+                    self._engine().post(Undelete(request.id))
+                raise
             await loop.run_in_executor(None, publisher.purge, trash)
             return lorad_pb2.DeleteAdapterResponse(id=request.id, digest=digest,
                                                    requests_drained=report.requests_drained, seconds=report.seconds)

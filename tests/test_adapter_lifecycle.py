@@ -191,6 +191,44 @@ def test_delete_refuses_new_requests_at_once_and_running_ones_finish(server):
     _check_tables(server.engine, quiet=True)
 
 
+def test_a_deleted_id_serves_again_once_new_files_are_there_or_the_delete_did_not_happen(server, tiny_geometry):
+    """The deleted mark holds only while the deleted files are there: the id re-created on disk
+    (another replica on a shared folder, a copy by hand) serves at once, and a DeleteAdapter
+    whose caller gave up mid-drain (the folder stays) leaves the id servable (both used to be
+    refused NOT_FOUND "(it was deleted)" until a restart)."""
+    from lorad.server.sampling import SamplingParams
+
+    with Client(server.target, timeout=60) as c:
+        c.load_adapter("a")
+        c.delete_adapter("a")
+        with pytest.raises(LoradRPCError) as info:
+            c.generate(PROMPT, adapter_id="a", max_new_tokens=2)
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+        write_random_adapter(server.root / "a", tiny_geometry, rank=4, seed=5, b_std=0.5)  # by hand
+        done = c.generate(PROMPT, adapter_id="a", max_new_tokens=2)
+        assert done.adapter_version == adapter_digest(server.root / "a")
+        assert c.load_adapter("a").adapter.digest == adapter_digest(server.root / "a")
+
+        ended = threading.Event()
+        started = threading.Event()
+
+        def sink(event):
+            started.set()
+            if event.kind != "chunk":
+                ended.set()
+
+        server.engine.submit(list(range(5, 15)), SamplingParams(max_new_tokens=100, ignore_eos=True), sink,
+                             adapter_id="b")
+        assert started.wait(30)
+        with pytest.raises(LoradRPCError):  # the drain outlasts the caller's deadline
+            c.delete_adapter("b", timeout=0.2)
+        assert ended.wait(60)
+        assert (server.root / "b").is_dir()
+        assert c.generate(PROMPT, adapter_id="b", max_new_tokens=2).completion_tokens >= 1
+    assert _wait_idle(server.engine)
+    _check_tables(server.engine, quiet=True)
+
+
 def _metrics(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return {name: float(value) for line in text.splitlines() if line and not line.startswith("#")
