@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lorad.adapter_format import inspect_adapter, load_adapter
 from lorad.base_model import BaseModelConfig
-from lorad.errors import AdapterNotFoundError, EngineStoppedError, InvalidRequestError, LoradError
+from lorad.errors import AdapterNotFoundError, DeadlineExceededError, EngineStoppedError, InvalidRequestError, LoradError
 from lorad.v1 import lorad_pb2, lorad_pb2_grpc
 
 from lorad.server import adapter_publish, base_match
@@ -130,7 +130,13 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
         engine = self._engine()
         self._publisher()._check_id(command.adapter_id)
         engine.post(command)
-        return await asyncio.wait_for(asyncio.wrap_future(command.done), timeout=context.time_remaining())
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(command.done), timeout=context.time_remaining())
+        except TimeoutError:  # the command goes on in the server (a drain, a load); only the wait ends
+            raise DeadlineExceededError(
+                f"{type(command).__name__.lower()} of adapter {command.adapter_id!r} did not finish within the "
+                "call's deadline; it goes on in the server: call again with a longer deadline to wait for it"
+            ) from None
 
     async def _get(self, adapter_id: str) -> lorad_pb2.AdapterInfo:
         listing = await asyncio.get_running_loop().run_in_executor(None, self._listing)

@@ -220,13 +220,47 @@ def test_a_deleted_id_serves_again_once_new_files_are_there_or_the_delete_did_no
         server.engine.submit(list(range(5, 15)), SamplingParams(max_new_tokens=100, ignore_eos=True), sink,
                              adapter_id="b")
         assert started.wait(30)
-        with pytest.raises(LoradRPCError):  # the drain outlasts the caller's deadline
+        with pytest.raises(LoradRPCError) as info:  # the drain outlasts the caller's deadline
             c.delete_adapter("b", timeout=0.2)
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert ended.wait(60)
         assert (server.root / "b").is_dir()
         assert c.generate(PROMPT, adapter_id="b", max_new_tokens=2).completion_tokens >= 1
     assert _wait_idle(server.engine)
     _check_tables(server.engine, quiet=True)
+
+
+def test_a_command_past_its_deadline_is_deadline_exceeded_with_a_sentence(server):
+    """An admin command still waiting when the call's deadline passes (an unload draining a
+    running request) ends its wait with DeadlineExceededError, not an INTERNAL traceback."""
+    import asyncio
+
+    from lorad.errors import DeadlineExceededError
+    from lorad.server.adapter_manager import Unload
+    from lorad.server.sampling import SamplingParams
+
+    class Context:  # the one thing _command reads from a grpc context
+        def time_remaining(self):
+            return 0.1
+
+    started, ended = threading.Event(), threading.Event()
+
+    def sink(event):
+        started.set()
+        if event.kind != "chunk":
+            ended.set()
+
+    server.engine.submit(list(range(5, 15)), SamplingParams(max_new_tokens=100, ignore_eos=True), sink, adapter_id="b")
+    assert started.wait(30)
+    unload = Unload("b")
+    waited = asyncio.run_coroutine_threadsafe(server.server.admin._command(unload, Context()), server.loop)
+    with pytest.raises(DeadlineExceededError, match="deadline"):
+        waited.result(30)
+    assert not ended.is_set()  # it really was still draining
+    assert ended.wait(60)
+    assert _wait_idle(server.engine)
+    _check_tables(server.engine, quiet=True)  # the unload went on: no drain left, slot freed
+    assert "b" not in server.engine.adapters.snapshot.resident
 
 
 def _metrics(port: int) -> dict[str, float]:
