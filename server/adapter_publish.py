@@ -364,6 +364,7 @@ class Upload:
         self._sizes: dict[str, int] = {}
         self._hashes: dict[str, "hashlib._Hash"] = {}
         self._state = threading.Lock()  # guards _done / _finishing: finish and abort race on cancel
+        self._io = threading.Lock()  # held by a write (a worker thread) while abort may come from the caller
         self._done = False  # published or cleaned up; the upload slot is released
         self._finishing = False  # finish() owns the outcome from here on
 
@@ -376,6 +377,12 @@ class Upload:
 
     def write(self, name: str, data: bytes) -> None:
         """Append a chunk to file `name`; a file's chunks come in order, one file after another."""
+        with self._io:
+            if self._done or self._finishing:
+                raise InvalidRequestError(f"the upload of {self.adapter_id!r} was already finished or abandoned")
+            self._write(name, data)
+
+    def _write(self, name: str, data: bytes) -> None:
         if name != self._name:
             if name in PICKLE_FILES:
                 raise InvalidAdapterError(
@@ -454,9 +461,10 @@ class Upload:
     def _remove(self) -> None:
         """Close, remove the staging folder, free the upload slot (once: whoever set _done)."""
         try:
-            if self._file is not None:
-                self._file.close()
-            self._lock_handle.close()
+            with self._io:  # a write still running on a worker thread ends first
+                if self._file is not None:
+                    self._file.close()
+                self._lock_handle.close()
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
             self.publisher._release_slot()

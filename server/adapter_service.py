@@ -227,11 +227,13 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
             if first is None or not first.HasField("header"):
                 raise InvalidRequestError("the first message of an upload must be its header (id, replace)")
             header = first.header
-            with publisher.begin(header.id, header.replace, header.expected_digest) as upload:
+            # begin (mkdir, flock) and write (1 MiB, its sha256, an fsync per file) touch the disk:
+            # on the event loop they would stall every other call this server is serving
+            with await _begin_off_loop(publisher, header.id, header.replace, header.expected_digest) as upload:
                 async for message in messages:
                     if not message.HasField("chunk"):
                         raise InvalidRequestError("only one header per upload; the rest must be file chunks")
-                    upload.write(message.chunk.name, message.chunk.data)
+                    await loop.run_in_executor(None, upload.write, message.chunk.name, message.chunk.data)
                 published = await loop.run_in_executor(
                     None, upload.finish, lambda path: self.validate(header.id, path))
             info = await self._serve_published(published, "upload", context)
@@ -324,3 +326,14 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
                 [f"{len(report.adapter_errors)} module deltas read back; max relative error "
                  f"{max(report.adapter_errors.values()):.2e}"] if report.adapter_errors else []),
             max_logprob_error=max((c.max_logprob_diff for c in checks), default=0.0), seconds=time.perf_counter() - started)
+
+
+async def _begin_off_loop(publisher: AdapterPublisher, adapter_id: str, replace: bool, expected_digest: str):
+    """publisher.begin on a worker thread; a caller cancelled while it runs aborts the upload it
+    makes (else its staging folder and upload slot would stay taken)."""
+    began = asyncio.get_running_loop().run_in_executor(None, publisher.begin, adapter_id, replace, expected_digest)
+    try:
+        return await asyncio.shield(began)
+    except asyncio.CancelledError:
+        began.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().abort())
+        raise
