@@ -34,7 +34,7 @@ from types import MappingProxyType
 from typing import Callable, Iterable
 
 from lorad.adapter_format import LoadedAdapter
-from lorad.errors import AdapterNotFoundError, InvalidAdapterError, LimitExceededError, LoradError
+from lorad.errors import AdapterNotFoundError, EngineStoppedError, InvalidAdapterError, LimitExceededError, LoradError
 
 from lorad.server.adapter_publish import files_stamp
 from lorad.server.adapter_store import ChangedWhileRead
@@ -557,7 +557,14 @@ class AdapterManager:
         else:
             future = self._loader.submit(self.store.read, adapter_id)
         self._loading[adapter_id] = generation
-        future.add_done_callback(lambda f: self.post(LoadDone(adapter_id, generation, f)))
+        future.add_done_callback(lambda f: self._post_quietly(LoadDone(adapter_id, generation, f)))
+
+    def _post_quietly(self, message: LoadDone) -> None:
+        """Loader thread: hand a read's result to the model thread, unless it has stopped."""
+        try:
+            self.post(message)
+        except EngineStoppedError:
+            pass
 
     def _load_done(self, message: LoadDone) -> None:
         adapter_id = message.adapter_id

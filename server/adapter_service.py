@@ -7,6 +7,7 @@ Access control is not here: lorad.server.auth's interceptor admits only admin ca
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -191,7 +192,8 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
                 trash = await loop.run_in_executor(None, publisher.retire, request.id)
             except BaseException:  # a deadline, a cancel, a failed rename: the folder stays, so it serves
                 if (publisher.root / request.id).is_dir():
-                    self._engine().post(Undelete(request.id))
+                    with contextlib.suppress(EngineStoppedError):  # stopped: nothing to undelete in
+                        self._engine().post(Undelete(request.id))
                 raise
             await loop.run_in_executor(None, publisher.purge, trash)
             return lorad_pb2.DeleteAdapterResponse(id=request.id, digest=digest,
@@ -268,7 +270,8 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
             done = await work
         except Exception:  # cancelled or failed: nothing was published
             return
-        self._engine().post(Published(done.published.adapter_id, digest=done.published.digest))
+        with contextlib.suppress(EngineStoppedError):  # a stopped engine has nothing to retire
+            self._engine().post(Published(done.published.adapter_id, digest=done.published.digest))
         await asyncio.get_running_loop().run_in_executor(None, self._publisher().purge, done.published.previous_trash)
 
     async def CombineAdapters(self, request, context):

@@ -529,3 +529,20 @@ def test_load_waiting_for_the_only_slot_goes_when_the_last_request_ends(tiny_bas
         report = load.done.result(timeout=30)  # hung here: nothing woke the loop
         assert report.digest == adapter_digest(root / "b")
         _check_tables(engine, quiet=True)
+
+
+def test_an_admin_command_to_a_stopped_engine_is_unavailable_at_once(server):
+    """A command posted after the model loop stopped (or died) is refused at once, not left to
+    wait for its deadline with nobody to answer it."""
+    from lorad.errors import EngineStoppedError
+    from lorad.server.adapter_manager import Load
+
+    server.engine.stop()
+    with pytest.raises(EngineStoppedError):
+        server.engine.post(Load("a"))
+    with Client(server.target, timeout=30) as c:
+        started = time.perf_counter()
+        with pytest.raises(LoradRPCError) as info:
+            c.load_adapter("a", timeout=20)
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in info.value.details
+        assert time.perf_counter() - started < 10
