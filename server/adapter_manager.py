@@ -34,7 +34,7 @@ from types import MappingProxyType
 from typing import Callable, Iterable
 
 from lorad.adapter_format import LoadedAdapter
-from lorad.errors import AdapterNotFoundError, InvalidAdapterError, LimitExceededError, LoradError
+from lorad.errors import AdapterNotFoundError, EngineStoppedError, InvalidAdapterError, LimitExceededError, LoradError
 
 from lorad.server.adapter_publish import files_stamp
 from lorad.server.adapter_store import ChangedWhileRead
@@ -103,6 +103,11 @@ class Delete(Command):
     pass
 
 
+class Undelete(Command):
+    """A DeleteAdapter that did not remove the folder (its caller went away mid-drain, the
+    rename failed): the files stay, so the id serves again."""
+
+
 @dataclass(eq=False)
 class Published(Command):
     """New files were published under adapter_id (an upload, a replace): retire what is resident."""
@@ -135,6 +140,12 @@ class _Drain:
     slots: set[int]
 
 
+def _still_deleted(deleted, adapter_id: str, path) -> bool:
+    """Whether the files at path are the version that was deleted (deleted: id -> its stamp)."""
+    stamp = deleted.get(adapter_id)
+    return stamp is not None and files_stamp(path) == stamp
+
+
 # --- the owner --------------------------------------------------------------------------------------
 
 
@@ -163,7 +174,10 @@ class AdapterManager:
         self._version_stamp: dict[str, tuple] = {}  # id -> files stamp of its resident version
         self._retired: dict[int, str] = {}  # slot -> adapter id, for slots of retired versions still in use
         self._pinned: set[str] = set()
-        self._deleted: set[str] = set()
+        # id -> files stamp of the version deleted: the mark holds while those very files are
+        # there; files published again (another replica on a shared folder, a copy by hand) have
+        # another stamp (inode, ctime) and serve
+        self._deleted: dict[str, tuple] = {}
         self._last_used: dict[str, float] = {}
         self._pending_loads: list[Load] = []
         self._drains: list[_Drain] = []
@@ -176,8 +190,8 @@ class AdapterManager:
 
     def check_servable(self, adapter_id: str) -> None:
         """Refuse at submit an id that is invalid, deleted or not on disk."""
-        self.store.path_for(adapter_id)  # INVALID_ARGUMENT / NOT_FOUND
-        if adapter_id in self.snapshot.deleted:
+        path = self.store.path_for(adapter_id)  # INVALID_ARGUMENT / NOT_FOUND
+        if _still_deleted(self.snapshot.deleted, adapter_id, path):
             raise AdapterNotFoundError(f"adapter {adapter_id!r} not found (it was deleted)")
 
     def close(self) -> None:
@@ -235,8 +249,7 @@ class AdapterManager:
     def acquire(self, adapter_id: str, first_try: bool) -> tuple[int, str] | None:
         """(slot, version digest) for a request being admitted, taking a slot reference; None
         while the adapter is loading or every slot is busy. Raises the adapter's load error."""
-        if adapter_id in self._deleted:
-            raise AdapterNotFoundError(f"adapter {adapter_id!r} not found (it was deleted)")
+        self._check_not_deleted(adapter_id)
         self._retire_if_changed(adapter_id)
         slot = self.pool.acquire_resident(adapter_id)
         if first_try:
@@ -333,7 +346,7 @@ class AdapterManager:
             max_loras=pool.num_slots,
             published_at=time.time(),
             resident=MappingProxyType(resident),
-            deleted=frozenset(self._deleted),
+            deleted=MappingProxyType(dict(self._deleted)),
             last_used=MappingProxyType(dict(self._last_used)),
             errors=MappingProxyType({i: (stamp, str(err)) for i, (stamp, err) in self._failed.items()}),
             pinned=len(pins),
@@ -350,8 +363,7 @@ class AdapterManager:
 
     def _on_load(self, command: Load) -> None:
         adapter_id = command.adapter_id
-        if adapter_id in self._deleted:
-            raise AdapterNotFoundError(f"adapter {adapter_id!r} not found (it was deleted)")
+        self._check_not_deleted(adapter_id)
         self.store.path_for(adapter_id)
         if command.pin and adapter_id not in self._pinned and len(self._pinned) >= self.max_pins:
             raise LimitExceededError(
@@ -402,14 +414,13 @@ class AdapterManager:
 
     def _on_delete(self, command: Delete) -> None:
         adapter_id = command.adapter_id
-        self.store.path_for(adapter_id)
-        self._deleted.add(adapter_id)
+        self._deleted[adapter_id] = files_stamp(self.store.path_for(adapter_id))
         self.fail_waiting(adapter_id, AdapterNotFoundError(f"adapter {adapter_id!r} not found (it was deleted)"))
         self._drain(command, "delete")
 
     def _on_published(self, command: Published) -> None:
         adapter_id = command.adapter_id
-        self._deleted.discard(adapter_id)
+        self._deleted.pop(adapter_id, None)
         self._failed.pop(adapter_id, None)
         held = self._version_digest(adapter_id)
         if held and held != command.digest:
@@ -419,6 +430,25 @@ class AdapterManager:
                 self._pending_loads.append(Load(adapter_id, pin=True))
                 self._start_load(adapter_id)
         self._answer(command, None)
+
+    def _on_undelete(self, command: Undelete) -> None:
+        self._deleted.pop(command.adapter_id, None)
+        self._answer(command, None)
+
+    def _check_not_deleted(self, adapter_id: str) -> None:
+        """Raise NOT_FOUND for a deleted id whose deleted files are still there; drop the mark
+        once they are not (gone for good: path_for says NOT_FOUND; back with new files: serve)."""
+        if adapter_id not in self._deleted:
+            return
+        try:
+            path = self.store.path_for(adapter_id)
+        except AdapterNotFoundError:
+            return  # keep the mark while the folder is away (mid-delete); NOT_FOUND comes anyway
+        if _still_deleted(self._deleted, adapter_id, path):
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} not found (it was deleted)")
+        log.info("adapter %s: new files where a deleted version was; serving them", adapter_id)
+        del self._deleted[adapter_id]
+        self._dirty = True
 
     def _drain(self, command: Command, kind: str) -> None:
         """Unload / delete: unpin, retire every version; answer once their slots are free."""
@@ -527,7 +557,14 @@ class AdapterManager:
         else:
             future = self._loader.submit(self.store.read, adapter_id)
         self._loading[adapter_id] = generation
-        future.add_done_callback(lambda f: self.post(LoadDone(adapter_id, generation, f)))
+        future.add_done_callback(lambda f: self._post_quietly(LoadDone(adapter_id, generation, f)))
+
+    def _post_quietly(self, message: LoadDone) -> None:
+        """Loader thread: hand a read's result to the model thread, unless it has stopped."""
+        try:
+            self.post(message)
+        except EngineStoppedError:
+            pass
 
     def _load_done(self, message: LoadDone) -> None:
         adapter_id = message.adapter_id

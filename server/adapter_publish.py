@@ -328,7 +328,12 @@ def _held(staging: Path) -> bool:
 
 class Upload:
     """One upload being received into its staging folder. Use as a context manager: leaving it
-    without finish() (an error, a client that went away) removes everything it wrote."""
+    without finish() (an error, a client that went away) removes everything it wrote.
+
+    finish() may run on a worker thread while the caller leaves the context (a client that
+    cancelled mid-validation): once finish has started, abort() does nothing and finish alone
+    publishes or cleans up, so the staging folder is never removed under the validator and the
+    publisher's upload slot is released exactly once."""
 
     def __init__(self, publisher: AdapterPublisher, adapter_id: str, replace: bool, expected_digest: str, staging: Path):
         self.publisher = publisher
@@ -343,7 +348,10 @@ class Upload:
         self._name: str | None = None
         self._sizes: dict[str, int] = {}
         self._hashes: dict[str, "hashlib._Hash"] = {}
-        self._done = False
+        self._state = threading.Lock()  # guards _done / _finishing: finish and abort race on cancel
+        self._io = threading.Lock()  # held by a write (a worker thread) while abort may come from the caller
+        self._done = False  # published or cleaned up; the upload slot is released
+        self._finishing = False  # finish() owns the outcome from here on
 
     def __enter__(self) -> "Upload":
         return self
@@ -354,6 +362,12 @@ class Upload:
 
     def write(self, name: str, data: bytes) -> None:
         """Append a chunk to file `name`; a file's chunks come in order, one file after another."""
+        with self._io:
+            if self._done or self._finishing:
+                raise InvalidRequestError(f"the upload of {self.adapter_id!r} was already finished or abandoned")
+            self._write(name, data)
+
+    def _write(self, name: str, data: bytes) -> None:
         if name != self._name:
             if name in PICKLE_FILES:
                 raise InvalidAdapterError(
@@ -392,6 +406,11 @@ class Upload:
 
     def finish(self, validate: Callable[[Path], object]) -> Published:
         """Validate the received folder with `validate(path)` (raises to refuse), then publish it."""
+        with self._state:
+            if self._done or self._finishing:
+                raise InvalidRequestError(f"the upload of {self.adapter_id!r} was already finished or abandoned")
+            self._finishing = True
+        published = None
         try:
             self._close_file()
             for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -407,22 +426,30 @@ class Upload:
             (self.staging / _STAGING_LOCK).unlink()
             fsync_path(self.staging)
             published = self.publisher._publish(self, digest)
-            self._done = True
             return published
         finally:
-            if not self._done:
-                self.abort()
+            with self._state:
+                self._done = True
+            if published is None:
+                self._remove()
             else:
                 self.publisher._release_slot()
 
     def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
+        """Remove what was received and free the upload slot; a no-op once finish() has started."""
+        with self._state:
+            if self._done or self._finishing:
+                return
+            self._done = True
+        self._remove()
+
+    def _remove(self) -> None:
+        """Close, remove the staging folder, free the upload slot (once: whoever set _done)."""
         try:
-            if self._file is not None:
-                self._file.close()
-            self._lock_handle.close()
+            with self._io:  # a write still running on a worker thread ends first
+                if self._file is not None:
+                    self._file.close()
+                self._lock_handle.close()
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
             self.publisher._release_slot()

@@ -7,6 +7,7 @@ Access control is not here: lorad.server.auth's interceptor admits only admin ca
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -14,11 +15,11 @@ from pathlib import Path
 
 from lorad.adapter_format import inspect_adapter, load_adapter
 from lorad.base_model import BaseModelConfig
-from lorad.errors import AdapterNotFoundError, EngineStoppedError, InvalidRequestError, LoradError
+from lorad.errors import AdapterNotFoundError, DeadlineExceededError, EngineStoppedError, InvalidRequestError, LoradError
 from lorad.v1 import lorad_pb2, lorad_pb2_grpc
 
 from lorad.server import adapter_publish, base_match
-from lorad.server.adapter_manager import Delete, Load, Published, Unload, Unpin
+from lorad.server.adapter_manager import Delete, Load, Published, Undelete, Unload, Unpin
 from lorad.server.adapter_publish import AdapterPublisher, DigestMemo, UploadLimits
 from lorad.server.delta_jobs import DeltaJobs
 from lorad.server.status import message_for, status_for
@@ -130,7 +131,13 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
         engine = self._engine()
         self._publisher()._check_id(command.adapter_id)
         engine.post(command)
-        return await asyncio.wait_for(asyncio.wrap_future(command.done), timeout=context.time_remaining())
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(command.done), timeout=context.time_remaining())
+        except TimeoutError:  # the command goes on in the server (a drain, a load); only the wait ends
+            raise DeadlineExceededError(
+                f"{type(command).__name__.lower()} of adapter {command.adapter_id!r} did not finish within the "
+                "call's deadline; it goes on in the server: call again with a longer deadline to wait for it"
+            ) from None
 
     async def _get(self, adapter_id: str) -> lorad_pb2.AdapterInfo:
         listing = await asyncio.get_running_loop().run_in_executor(None, self._listing)
@@ -176,11 +183,18 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
         try:
             publisher = self._publisher()
             publisher.check_writable()  # before the engine lets go of it
-            report = await self._command(Delete(request.id), context)
             loop = asyncio.get_running_loop()
-            # the version deleted: the one in memory, else the files' (an adapter only on disk)
-            digest = report.digest or await loop.run_in_executor(None, self.digests.digest, publisher.root / request.id)
-            trash = await loop.run_in_executor(None, publisher.retire, request.id)
+            try:
+                report = await self._command(Delete(request.id), context)
+                # the version deleted: the one in memory, else the files' (an adapter only on disk)
+                digest = report.digest or await loop.run_in_executor(
+                    None, self.digests.digest, publisher.root / request.id)
+                trash = await loop.run_in_executor(None, publisher.retire, request.id)
+            except BaseException:  # a deadline, a cancel, a failed rename: the folder stays, so it serves
+                if (publisher.root / request.id).is_dir():
+                    with contextlib.suppress(EngineStoppedError):  # stopped: nothing to undelete in
+                        self._engine().post(Undelete(request.id))
+                raise
             await loop.run_in_executor(None, publisher.purge, trash)
             return lorad_pb2.DeleteAdapterResponse(id=request.id, digest=digest,
                                                    requests_drained=report.requests_drained, seconds=report.seconds)
@@ -215,11 +229,13 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
             if first is None or not first.HasField("header"):
                 raise InvalidRequestError("the first message of an upload must be its header (id, replace)")
             header = first.header
-            with publisher.begin(header.id, header.replace, header.expected_digest) as upload:
+            # begin (mkdir, flock) and write (1 MiB, its sha256, an fsync per file) touch the disk:
+            # on the event loop they would stall every other call this server is serving
+            with await _begin_off_loop(publisher, header.id, header.replace, header.expected_digest) as upload:
                 async for message in messages:
                     if not message.HasField("chunk"):
                         raise InvalidRequestError("only one header per upload; the rest must be file chunks")
-                    upload.write(message.chunk.name, message.chunk.data)
+                    await loop.run_in_executor(None, upload.write, message.chunk.name, message.chunk.data)
                 published = await loop.run_in_executor(
                     None, upload.finish, lambda path: self.validate(header.id, path))
             info = await self._serve_published(published, "upload", context)
@@ -254,7 +270,8 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
             done = await work
         except Exception:  # cancelled or failed: nothing was published
             return
-        self._engine().post(Published(done.published.adapter_id, digest=done.published.digest))
+        with contextlib.suppress(EngineStoppedError):  # a stopped engine has nothing to retire
+            self._engine().post(Published(done.published.adapter_id, digest=done.published.digest))
         await asyncio.get_running_loop().run_in_executor(None, self._publisher().purge, done.published.previous_trash)
 
     async def CombineAdapters(self, request, context):
@@ -312,3 +329,14 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
                 [f"{len(report.adapter_errors)} module deltas read back; max relative error "
                  f"{max(report.adapter_errors.values()):.2e}"] if report.adapter_errors else []),
             max_logprob_error=max((c.max_logprob_diff for c in checks), default=0.0), seconds=time.perf_counter() - started)
+
+
+async def _begin_off_loop(publisher: AdapterPublisher, adapter_id: str, replace: bool, expected_digest: str):
+    """publisher.begin on a worker thread; a caller cancelled while it runs aborts the upload it
+    makes (else its staging folder and upload slot would stay taken)."""
+    began = asyncio.get_running_loop().run_in_executor(None, publisher.begin, adapter_id, replace, expected_digest)
+    try:
+        return await asyncio.shield(began)
+    except asyncio.CancelledError:
+        began.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().abort())
+        raise

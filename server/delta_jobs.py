@@ -20,6 +20,7 @@ each). Client-facing messages name adapter ids, never server paths. No gRPC here
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import tempfile
@@ -178,7 +179,10 @@ class DeltaJobs:
                     adapter = read_adapter(copy)
                 except InvalidAdapterError as exc:
                     raise InvalidAdapterError(_named(str(exc), {copy: adapter_id})) from None
-                return export(adapter, out, config, engine_reference)
+                # one thread: the serving engine already holds all cores but one; a reference
+                # engine with the default would oversubscribe them and slow every request for the
+                # minutes a merge takes (the merge is offline work, it may take longer)
+                return export(adapter, out, config, functools.partial(engine_reference, threads=1))
         finally:
             self._merging.release()
 

@@ -272,8 +272,11 @@ class Engine:
 
     def post(self, message) -> None:
         """Hand a message to the model thread (any thread): an adapter command
-        (lorad.server.adapter_manager) or a loader result; it is handled between two steps."""
+        (lorad.server.adapter_manager) or a loader result; it is handled between two steps.
+        Raises EngineStoppedError once the loop has stopped (or died): nobody would answer it."""
         with self._cv:
+            if self._stop:
+                raise EngineStoppedError("the engine is shutting down")
             self._messages.append(message)
             self._cv.notify()
 
@@ -337,6 +340,9 @@ class Engine:
                     stepped = bool(self._running)
                     if stepped:
                         self._step()
+                        # requests that ended released their slots: a Load waiting for one goes
+                        # now, since the loop may sleep next (nothing running, nothing queued)
+                        self.adapters.progress()
                         self._publish_counts()
                         self._publish_residency()
                     self._answer(probes)

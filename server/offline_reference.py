@@ -23,8 +23,9 @@ _ADAPTER_ID = "reference"
 
 
 def engine_reference(base: LoadedBase, adapter_dir: Path | None, prompts: list[list[int]],
-                     max_new_tokens: int) -> list[Generation]:
-    """Greedy answers of the engine serving `adapter_dir` (None: the base alone), all prompts in one batch."""
+                     max_new_tokens: int, threads: int | None = None) -> list[Generation]:
+    """Greedy answers of the engine serving `adapter_dir` (None: the base alone), all prompts in one batch.
+    threads: torch threads of its model thread (None: EngineConfig's default, all cores but one)."""
     from lorad.deltas.adapter_io import read_adapter
 
     max_rank = max(read_adapter(adapter_dir).ranks) if adapter_dir is not None else 1
@@ -34,7 +35,8 @@ def engine_reference(base: LoadedBase, adapter_dir: Path | None, prompts: list[l
         if adapter_dir is not None:  # the engine serves adapters from a folder of folders
             shutil.copytree(adapter_dir, root / _ADAPTER_ID)
         config = EngineConfig(max_loras=1, max_cpu_loras=1, max_lora_rank=max_rank, max_batch_size=len(prompts),
-                              max_seq_len=longest, kv_cache_memory=_kv_bytes(base, len(prompts), longest))
+                              max_seq_len=longest, kv_cache_memory=_kv_bytes(base, len(prompts), longest),
+                              threads=threads)
         engine = Engine(base, config, adapters_dir=str(root))
         results: list = [None] * len(prompts)
         done = threading.Semaphore(0)

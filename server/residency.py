@@ -40,7 +40,7 @@ class AdapterResidency:
     published_at: float = 0.0  # time.time() of the change that published it
     # per adapter (listings)
     resident: Mapping[str, ResidentAdapter] = field(default_factory=lambda: _EMPTY)
-    deleted: frozenset = frozenset()  # ids whose new requests get NOT_FOUND
+    deleted: Mapping[str, tuple] = field(default_factory=lambda: _EMPTY)  # id -> files stamp of the deleted version
     last_used: Mapping[str, float] = field(default_factory=lambda: _EMPTY)  # unix seconds of the last admission
     errors: Mapping[str, tuple] = field(default_factory=lambda: _EMPTY)  # id -> (files stamp, message) of a failed read
     # totals (gauges)

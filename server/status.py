@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import grpc
 
+from lorad.deltas.combine import CombineCancelled
+from lorad.deltas.merge import MergeCancelled, MergeVerificationError
 from lorad.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
+    BaseModelError,
     ClientTooSlowError,
     ConfigError,
     DeadlineExceededError,
@@ -39,6 +42,12 @@ _CODES: list[tuple[type, grpc.StatusCode]] = [
     (IntegrityError, grpc.StatusCode.DATA_LOSS),
     (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    # a merge whose result does not answer like serving, a base that cannot be loaded: the
+    # system is not in a state that lets it succeed, no bug of ours
+    (MergeVerificationError, grpc.StatusCode.FAILED_PRECONDITION),
+    (BaseModelError, grpc.StatusCode.FAILED_PRECONDITION),
+    (MergeCancelled, grpc.StatusCode.CANCELLED),
+    (CombineCancelled, grpc.StatusCode.CANCELLED),
 ]
 
 

@@ -111,9 +111,21 @@ def test_combine_refusals_are_statuses_with_a_sentence(server, tiny_geometry):
         assert len(_greedy(c, "a")) == 12  # still serving
 
 
-def test_merge_writes_a_folder_that_answers_like_the_served_adapter(server, tiny_base):
+def test_merge_writes_a_folder_that_answers_like_the_served_adapter(server, tiny_base, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    from lorad.server import offline_reference
+
+    threads = []  # of every reference engine the merge builds: one thread, beside serving's
+
+    class Spy(offline_reference.Engine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            threads.append(self.threads)
+
+    monkeypatch.setattr(offline_reference, "Engine", Spy)
+    # as on a many-core machine (here all-but-one is already 1): the default must not reach it
+    monkeypatch.setattr("lorad.server.engine.default_threads", lambda: 7)
     with Client(server.target, timeout=600) as c:
         served = _greedy(c, "a")
         assert served != c.generate(PROMPT, max_new_tokens=12).token_ids  # the adapter changes the answer
@@ -121,6 +133,7 @@ def test_merge_writes_a_folder_that_answers_like_the_served_adapter(server, tiny
         merged = c.merge_adapter("a")
         assert _actions(server, "merge") == merges + 1
     assert merged.verified and merged.format == "hf" and merged.bytes > 0
+    assert threads and set(threads) == {1}, threads
     assert merged.path == str(server.exports / "a-merged") and merged.max_logprob_error <= 1e-3
     assert merged.verification and "passed" in merged.verification[0]
     model = AutoModelForCausalLM.from_pretrained(merged.path, dtype=torch.float32).eval()

@@ -191,6 +191,78 @@ def test_delete_refuses_new_requests_at_once_and_running_ones_finish(server):
     _check_tables(server.engine, quiet=True)
 
 
+def test_a_deleted_id_serves_again_once_new_files_are_there_or_the_delete_did_not_happen(server, tiny_geometry):
+    """The deleted mark holds only while the deleted files are there: the id re-created on disk
+    (another replica on a shared folder, a copy by hand) serves at once, and a DeleteAdapter
+    whose caller gave up mid-drain (the folder stays) leaves the id servable (both used to be
+    refused NOT_FOUND "(it was deleted)" until a restart)."""
+    from lorad.server.sampling import SamplingParams
+
+    with Client(server.target, timeout=60) as c:
+        c.load_adapter("a")
+        c.delete_adapter("a")
+        with pytest.raises(LoradRPCError) as info:
+            c.generate(PROMPT, adapter_id="a", max_new_tokens=2)
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+        write_random_adapter(server.root / "a", tiny_geometry, rank=4, seed=5, b_std=0.5)  # by hand
+        done = c.generate(PROMPT, adapter_id="a", max_new_tokens=2)
+        assert done.adapter_version == adapter_digest(server.root / "a")
+        assert c.load_adapter("a").adapter.digest == adapter_digest(server.root / "a")
+
+        ended = threading.Event()
+        started = threading.Event()
+
+        def sink(event):
+            started.set()
+            if event.kind != "chunk":
+                ended.set()
+
+        server.engine.submit(list(range(5, 15)), SamplingParams(max_new_tokens=100, ignore_eos=True), sink,
+                             adapter_id="b")
+        assert started.wait(30)
+        with pytest.raises(LoradRPCError) as info:  # the drain outlasts the caller's deadline
+            c.delete_adapter("b", timeout=0.2)
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert ended.wait(60)
+        assert (server.root / "b").is_dir()
+        assert c.generate(PROMPT, adapter_id="b", max_new_tokens=2).completion_tokens >= 1
+    assert _wait_idle(server.engine)
+    _check_tables(server.engine, quiet=True)
+
+
+def test_a_command_past_its_deadline_is_deadline_exceeded_with_a_sentence(server):
+    """An admin command still waiting when the call's deadline passes (an unload draining a
+    running request) ends its wait with DeadlineExceededError, not an INTERNAL traceback."""
+    import asyncio
+
+    from lorad.errors import DeadlineExceededError
+    from lorad.server.adapter_manager import Unload
+    from lorad.server.sampling import SamplingParams
+
+    class Context:  # the one thing _command reads from a grpc context
+        def time_remaining(self):
+            return 0.1
+
+    started, ended = threading.Event(), threading.Event()
+
+    def sink(event):
+        started.set()
+        if event.kind != "chunk":
+            ended.set()
+
+    server.engine.submit(list(range(5, 15)), SamplingParams(max_new_tokens=100, ignore_eos=True), sink, adapter_id="b")
+    assert started.wait(30)
+    unload = Unload("b")
+    waited = asyncio.run_coroutine_threadsafe(server.server.admin._command(unload, Context()), server.loop)
+    with pytest.raises(DeadlineExceededError, match="deadline"):
+        waited.result(30)
+    assert not ended.is_set()  # it really was still draining
+    assert ended.wait(60)
+    assert _wait_idle(server.engine)
+    _check_tables(server.engine, quiet=True)  # the unload went on: no drain left, slot freed
+    assert "b" not in server.engine.adapters.snapshot.resident
+
+
 def _metrics(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return {name: float(value) for line in text.splitlines() if line and not line.startswith("#")
@@ -426,3 +498,51 @@ def test_random_walk_of_management_under_traffic(server, tiny_geometry, tmp_path
           f"background requests {dict(sorted(traffic.done.items()))}")
     assert min(counts.values()) >= 10, counts
     assert sum(n for k, n in traffic.done.items() if k.endswith(":ok")) >= 50, traffic.done
+
+
+def test_load_waiting_for_the_only_slot_goes_when_the_last_request_ends(tiny_base, tiny_geometry, tmp_path):
+    """One slot, held by a running request: a Load of another adapter waits for it, and is
+    answered once that request ends, with no other traffic (the loop used to sleep with the
+    Load still pending, until some unrelated request woke it)."""
+    from lorad.server.adapter_manager import Load
+    from lorad.server.sampling import SamplingParams
+
+    root = tmp_path / "adapters"
+    for i, name in enumerate(("a", "b")):
+        write_random_adapter(root / name, tiny_geometry, rank=4, seed=i, b_std=0.5)
+    with ServerThread(_config(root, max_loras=1, max_cpu_loras=2, max_seq_len=512), tiny_base) as srv:
+        engine = srv.engine
+        started, ended = threading.Event(), threading.Event()
+
+        def sink(event):
+            started.set()
+            if event.kind != "chunk":
+                ended.set()
+
+        engine.submit(list(range(5, 15)), SamplingParams(max_new_tokens=400, ignore_eos=True), sink, adapter_id="a")
+        assert started.wait(30)
+        load = Load("b")
+        engine.post(load)
+        assert engine.probe(lambda e: bool(e._running) and load in e.adapters._pending_loads).result(30), \
+            "the Load must wait for the slot the running request holds"
+        assert ended.wait(60)
+        report = load.done.result(timeout=30)  # hung here: nothing woke the loop
+        assert report.digest == adapter_digest(root / "b")
+        _check_tables(engine, quiet=True)
+
+
+def test_an_admin_command_to_a_stopped_engine_is_unavailable_at_once(server):
+    """A command posted after the model loop stopped (or died) is refused at once, not left to
+    wait for its deadline with nobody to answer it."""
+    from lorad.errors import EngineStoppedError
+    from lorad.server.adapter_manager import Load
+
+    server.engine.stop()
+    with pytest.raises(EngineStoppedError):
+        server.engine.post(Load("a"))
+    with Client(server.target, timeout=30) as c:
+        started = time.perf_counter()
+        with pytest.raises(LoradRPCError) as info:
+            c.load_adapter("a", timeout=20)
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in info.value.details
+        assert time.perf_counter() - started < 10

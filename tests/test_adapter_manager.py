@@ -147,7 +147,9 @@ class ManagerMachine(RuleBasedStateMachine):
         except LimitExceededError:
             assert pin and len(self.h.manager._pinned) == SLOTS - 1
             return
-        except TimeoutError:
+        except TimeoutError:  # never answered: allowed only while every slot is held (running + pins)
+            assert all(r > 0 for r in self.h.pool.refcount), \
+                f"Load({adapter_id!r}) unanswered with a free slot: refcounts {self.h.pool.refcount}"
             return
         assert report.digest == adapter_digest(self.h.root / adapter_id)
 

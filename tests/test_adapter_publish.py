@@ -147,6 +147,54 @@ def test_existing_id_needs_replace_and_concurrency_is_bounded(tmp_path, source):
     second.abort()
 
 
+@pytest.mark.parametrize("verdict", ["accept", "refuse"])
+def test_leaving_an_upload_while_finish_validates_changes_nothing(tmp_path, source, verdict):
+    """A client that cancels while finish() validates on a worker thread: the context exits
+    (abort) during validation. finish alone decides: the staging folder stays under the
+    validator, the folder is published whole or not at all, and the upload slot is released
+    once (it used to be released twice, _active going to -1 and raising the limit)."""
+    root = tmp_path / "adapters"
+    publisher = AdapterPublisher(root, UploadLimits(max_concurrent=1))
+    validating, go_on = threading.Event(), threading.Event()
+    seen, outcome = [], []
+
+    def validate(path):
+        validating.set()
+        assert go_on.wait(30)
+        seen.append(sorted(p.name for p in path.iterdir()))  # still all there after the abort
+        if verdict == "refuse":
+            raise InvalidAdapterError("refused")
+
+    def finish(upload):
+        try:
+            outcome.append(upload.finish(validate))
+        except InvalidAdapterError as exc:
+            outcome.append(exc)
+
+    with publisher.begin("x") as upload:
+        _send(upload, source)
+        worker = threading.Thread(target=finish, args=(upload,))
+        worker.start()
+        assert validating.wait(30)
+    # the context was left (the cancelled RPC), finish still validating
+    assert publisher._active == 1 and list(root.glob(STAGING_PREFIX + "*"))
+    go_on.set()
+    worker.join(30)
+    assert seen == [[".lock", *sorted(FILES)]]
+    assert publisher._active == 0
+    assert not list(root.glob(STAGING_PREFIX + "*"))
+    if verdict == "accept":
+        assert _visible(root) == {"x"} and adapter_digest(root / "x") == adapter_digest(source)
+    else:
+        assert isinstance(outcome[0], InvalidAdapterError) and _visible(root) == set()
+    publisher.begin("y").abort()  # the limit is still one upload at a time
+    first = publisher.begin("y")
+    with pytest.raises(LimitExceededError):
+        publisher.begin("z")
+    first.abort()
+    assert publisher._active == 0
+
+
 def test_replace_swaps_versions_and_trash_is_purged(tmp_path, source):
     root = tmp_path / "adapters"
     publisher = AdapterPublisher(root)

@@ -281,3 +281,48 @@ def test_a_read_only_adapters_folder_serves_and_refuses_writes_with_a_sentence(t
             subprocess.run(["umount", str(read_only)], check=False)
         else:
             os.chmod(source, 0o755)
+
+
+def test_upload_disk_work_runs_off_the_event_loop_and_a_cancel_frees_its_place(server, client, tiny_geometry,
+                                                                               tmp_path, monkeypatch):
+    """begin (mkdir, flock) and every chunk's write (sha256, fsync) run on worker threads, never on
+    the loop serving every call; a client that cancels mid-upload leaves no staging folder and
+    gives its upload place back."""
+    from lorad.server import adapter_publish
+
+    threads = []
+    begin, write = adapter_publish.AdapterPublisher.begin, adapter_publish.Upload.write
+
+    def spy(fn):
+        def run(*args, **kwargs):
+            threads.append(threading.current_thread())
+            return fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(adapter_publish.AdapterPublisher, "begin", spy(begin))
+    monkeypatch.setattr(adapter_publish.Upload, "write", spy(write))
+    src = write_random_adapter(tmp_path / "src", tiny_geometry, rank=4, seed=12, b_std=0.5)
+    client.upload_adapter(src, "off-loop")
+    assert len(threads) >= 3 and server.thread not in threads  # begin + at least one chunk per file
+
+    publisher = server.server.admin.publisher
+    assert publisher._active == 0
+    hold = threading.Event()
+
+    def messages():
+        yield from _folder_messages(src, "cancelled")[:2]  # the header and a first chunk
+        hold.wait(30)
+
+    stub = lorad_pb2_grpc.AdapterManagerStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+    call = stub.UploadAdapter.future(messages(), timeout=30)
+    deadline = time.time() + 20
+    while not list(server.root.glob(STAGING_PREFIX + "cancelled*")) and time.time() < deadline:
+        time.sleep(0.01)
+    assert publisher._active == 1
+    call.cancel()
+    hold.set()
+    deadline = time.time() + 20
+    while (publisher._active or list(server.root.glob(STAGING_PREFIX + "*"))) and time.time() < deadline:
+        time.sleep(0.01)
+    assert publisher._active == 0 and not list(server.root.glob(STAGING_PREFIX + "*"))
+    assert "cancelled" not in _published(server.root)
