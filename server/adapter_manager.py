@@ -44,6 +44,8 @@ from lorad.server.residency import AdapterResidency, ResidentAdapter, distinct
 
 log = logging.getLogger(__name__)
 
+MAX_REREADS = 3  # reads in a row an adapter's files may change under before its requests fail
+
 
 # --- what listings show ----------------------------------------------------------------------------
 
@@ -167,6 +169,7 @@ class AdapterManager:
         # model-thread tables
         self._host: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self._loading: dict[str, int] = {}  # adapter id -> generation of the read in flight
+        self._rereads: dict[str, int] = {}  # adapter id -> reads in a row that met a replace mid-way
         self._generation = itertools.count(1)
         self._current_gen: dict[str, int] = {}  # a read started before a retire is stale when it lands
         self._failed: dict[str, tuple[tuple, InvalidAdapterError]] = {}  # id -> (files stamp, error)
@@ -574,6 +577,13 @@ class AdapterManager:
         exc = message.future.exception()
         if stale:  # retired while it was read: requests waiting for it start a new read
             return
+        if isinstance(exc, ChangedWhileRead) and self._rereads.get(adapter_id, 0) < MAX_REREADS:
+            # a replace (or a copy) landed during the read: the waiting requests get the new
+            # files, not an error; bounded, so a folder rewritten without end still fails
+            self._rereads[adapter_id] = self._rereads.get(adapter_id, 0) + 1
+            self._start_load(adapter_id)
+            return
+        self._rereads.pop(adapter_id, None)
         if exc is None:
             adapter = message.future.result()
             self._failed.pop(adapter_id, None)

@@ -546,3 +546,32 @@ def test_an_admin_command_to_a_stopped_engine_is_unavailable_at_once(server):
             c.load_adapter("a", timeout=20)
         assert info.value.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in info.value.details
         assert time.perf_counter() - started < 10
+
+
+def test_a_read_that_meets_a_replace_reads_again_instead_of_failing_the_request(tiny_base, tiny_geometry, tmp_path,
+                                                                                 monkeypatch):
+    """A request waiting for an adapter whose files are replaced during the read gets the new
+    files (the random walk met this as a FAILED_PRECONDITION under a replace); a folder that
+    keeps changing still fails, after a bounded number of reads."""
+    from lorad.server import adapter_manager
+    from lorad.server.adapter_store import AdapterStore, ChangedWhileRead
+
+    root = tmp_path / "adapters"
+    write_random_adapter(root / "a", tiny_geometry, rank=4, seed=1, b_std=0.5)
+    write_random_adapter(root / "b", tiny_geometry, rank=4, seed=2, b_std=0.5)
+    real_read, reads, changing = AdapterStore.read, Counter(), {"a": 1, "b": 10**6}
+
+    def read(self, adapter_id):
+        reads[adapter_id] += 1
+        if reads[adapter_id] <= changing[adapter_id]:
+            raise ChangedWhileRead(f"adapter {adapter_id!r}: its files changed while they were being read; retry")
+        return real_read(self, adapter_id)
+
+    monkeypatch.setattr(AdapterStore, "read", read)
+    with ServerThread(_config(root), tiny_base) as srv, Client(f"127.0.0.1:{srv.port}", timeout=60) as c:
+        answer = c.generate("The quick brown fox", adapter_id="a", max_new_tokens=4)
+        assert answer.adapter_version == adapter_digest(root / "a") and reads["a"] == 2
+        with pytest.raises(LoradRPCError) as err:
+            c.generate("The quick brown fox", adapter_id="b", max_new_tokens=4)
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "changed while" in err.value.details
+        assert reads["b"] == 1 + adapter_manager.MAX_REREADS
