@@ -157,13 +157,8 @@ def adapters(ctx, target, token, tls_ca, as_json):
     Management needs the server's admin token (--token or LORAD_TOKEN) unless the server
     listens on loopback only.
     """
-    if ctx.invoked_subcommand is None:
-        with _client(ctx, target, token, tls_ca) as client:
-            try:
-                listing = client.list_adapters()
-            except LoradRPCError as err:
-                _fail(err)
-        _print_listing(listing, as_json)
+    if ctx.invoked_subcommand is None:  # `lorad adapters` = `lorad adapters list`
+        ctx.invoke(list_cmd, target=target, token=token, tls_ca=tls_ca, as_json=as_json)
 
 
 @adapters.command("list")
