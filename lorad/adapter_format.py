@@ -21,7 +21,9 @@ server path.
 Scaling follows PEFT: lora_alpha / r, or lora_alpha / sqrt(r) with `use_rslora`, with
 per-module `rank_pattern` / `alpha_pattern` overrides. DoRA adapters (`use_dora`) carry a
 magnitude vector per module, which the server turns into a per-output-row scale (see
-lorad.server.lora_slots).
+lorad.server.lora_slots). `lora_bias` adapters carry a bias vector on lora_B per module; PEFT
+computes y = base(x) + scaling * (B @ A @ x + bias), so the server adds scaling * bias to the
+rows of that adapter's tokens.
 """
 
 from __future__ import annotations
@@ -47,12 +49,15 @@ ADAPTER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (PEFT's saved names)
 _TENSOR_NAME = re.compile(
     r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\."
-    r"(?:lora_([AB])(?:\.[\w-]+)?\.weight|lora_(m)agnitude_vector(?:\.[\w-]+)?(?:\.weight)?)$"
+    r"(?:lora_([AB])(?:\.[\w-]+)?\.weight|lora_(m)agnitude_vector(?:\.[\w-]+)?(?:\.weight)?"
+    r"|lora_B(?:\.[\w-]+)?\.(b)ias)$"
 )
+_HALF_NAMES = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector", "b": "lora_B bias"}
 
 
 def _half(m: re.Match) -> str:
-    return m.group(3) or "M"  # "A", "B" or "M" (a DoRA magnitude vector)
+    # "A", "B", "M" (a DoRA magnitude vector) or "b" (lora_B's bias, lora_bias=true)
+    return m.group(3) or ("M" if m.group(4) else "b")
 
 # Limits on what is read before anything is parsed. PEFT writes a config of about 1 KB (a
 # per-module rank_pattern of an 80-layer base: about 40 KB) and a header of about 130 bytes per
@@ -100,6 +105,7 @@ class AdapterSpec:
     size_bytes: int
     config: "AdapterConfig" = field(repr=False)
     use_dora: bool = False  # every module has a magnitude vector (LoadedAdapter.magnitudes)
+    lora_bias: bool = False  # every module has a lora_B bias (LoadedAdapter.biases)
 
 
 @dataclass
@@ -112,10 +118,13 @@ class LoadedAdapter:
     digest: str = ""  # content digest of those files (lorad.server.adapter_publish), its version
     # DoRA: (layer, proj) -> magnitude [out]; empty for plain LoRA
     magnitudes: dict[tuple[int, str], "object"] = field(default_factory=dict, repr=False)
+    # lora_bias: (layer, proj) -> lora_B bias [out], unscaled as PEFT stores it; empty otherwise
+    biases: dict[tuple[int, str], "object"] = field(default_factory=dict, repr=False)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+        return (sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+                + sum(v.numel() * v.element_size() for v in self.biases.values()))
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -257,6 +266,7 @@ class AdapterConfig:
     lora_alpha: float
     use_rslora: bool
     use_dora: bool
+    lora_bias: bool
     rank_pattern: PatternTable
     alpha_pattern: PatternTable
 
@@ -274,7 +284,7 @@ class AdapterConfig:
             raise InvalidAdapterError(
                 f"adapter {adapter_id!r}: peft_type {shorten(peft_type)} is not supported (only LORA)")
         flags = {}
-        for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        for key in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):
             value = raw.get(key)
             if value is not None and not isinstance(value, bool):
                 raise bad(key, "must be true or false")
@@ -282,12 +292,15 @@ class AdapterConfig:
         if flags["fan_in_fan_out"]:
             raise InvalidAdapterError(
                 f"adapter {adapter_id!r}: fan_in_fan_out (Conv1D) adapters are not supported yet (fan_in_fan_out=true)")
+        if flags["lora_bias"] and flags["use_dora"]:  # PEFT's LoraConfig refuses the pair too
+            raise InvalidAdapterError(
+                f"adapter {adapter_id!r}: lora_bias=true with use_dora=true is not an adapter PEFT makes; use one of them")
         bias = raw.get("bias", "none")
         if bias is not None and not isinstance(bias, str):
             raise bad("bias", "must be a string")
         # PEFT's bias ("all", "lora_only") trains the base's own biases; Llama-family projections
-        # have none, so such an adapter is a plain LoRA. A file that does hold bias tensors is
-        # refused by their names (_TENSOR_NAME).
+        # have none, so such an adapter is a plain LoRA. A file that holds other bias tensors
+        # (not lora_B's, which lora_bias adds) is refused by their names (_TENSOR_NAME).
         if bias not in (None, "none", "all", "lora_only"):
             raise InvalidAdapterError(
                 f"adapter {adapter_id!r}: bias={shorten(bias)} is not one of PEFT's 'none', 'all', 'lora_only'")
@@ -315,6 +328,7 @@ class AdapterConfig:
             lora_alpha=float(alpha),
             use_rslora=flags["use_rslora"],
             use_dora=flags["use_dora"],
+            lora_bias=flags["lora_bias"],
             rank_pattern=_pattern_table(raw, "rank_pattern", _is_rank, f"positive whole numbers up to {MAX_RANK}",
                                         adapter_id),
             alpha_pattern=_pattern_table(raw, "alpha_pattern", _is_positive_number, "positive, finite numbers",
@@ -472,8 +486,8 @@ def _build_spec(path: Path, adapter_id: str, config: AdapterConfig, entries: dic
                 f"{geometry.num_layers} layers"
             )
         if half in halves.setdefault((layer, proj), {}):
-            what = "lora_magnitude_vector" if half == "M" else f"lora_{half}"
-            raise InvalidAdapterError(f"adapter {adapter_id!r}: layers.{layer}.{proj} has two {what} tensors")
+            raise InvalidAdapterError(
+                f"adapter {adapter_id!r}: layers.{layer}.{proj} has two {_HALF_NAMES[half]} tensors")
         halves[(layer, proj)][half] = entry.shape
 
     if not halves:
@@ -482,6 +496,7 @@ def _build_spec(path: Path, adapter_id: str, config: AdapterConfig, entries: dic
     for (layer, proj), pair in sorted(halves.items()):
         where = f"layers.{layer}.{proj}"
         magnitude = pair.pop("M", None)
+        bias = pair.pop("b", None)
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
             raise InvalidAdapterError(f"adapter {adapter_id!r}: {where} has no {missing} tensor")
@@ -495,6 +510,15 @@ def _build_spec(path: Path, adapter_id: str, config: AdapterConfig, entries: dic
         if magnitude is not None and tuple(magnitude) != (out_f,):
             raise InvalidAdapterError(f"adapter {adapter_id!r}: {where} has a magnitude vector of shape "
                                       f"{list(magnitude)}; the base needs [{out_f}]")
+        if config.lora_bias and bias is None:
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: lora_bias=true needs a lora_B bias for {where}; "
+                                      "the file has none")
+        if not config.lora_bias and bias is not None:
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: {where} has a lora_B bias but {CONFIG_FILE} does not "
+                                      "set lora_bias")
+        if bias is not None and tuple(bias) != (out_f,):
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: {where} has a lora_B bias of shape {list(bias)}; "
+                                      f"the base needs [{out_f}]")
         a_shape, b_shape = pair["A"], pair["B"]
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != in_f or b_shape[0] != out_f or a_shape[0] != b_shape[1]:
             raise InvalidAdapterError(
@@ -530,6 +554,7 @@ def _build_spec(path: Path, adapter_id: str, config: AdapterConfig, entries: dic
         size_bytes=size,
         config=config,
         use_dora=config.use_dora,
+        lora_bias=config.lora_bias,
     )
 
 
@@ -568,16 +593,19 @@ def load_adapter(path: Path, adapter_id: str, geometry: ModelGeometry, max_rank:
         spec = _build_spec(path, adapter_id, config, entries, size, geometry, max_rank)
         tensors = _read_tensors(f, entries, data_start, size, adapter_id)
     weights: dict[tuple[int, str], list] = {}
-    magnitudes = {}
+    magnitudes, biases = {}, {}
     for name, tensor in tensors.items():
         m = _TENSOR_NAME.match(name)
         assert m is not None, name  # _build_spec accepted every name
         key, half = (int(m.group(1)), m.group(2)), _half(m)
         if half == "M":
             magnitudes[key] = tensor  # [out]
+        elif half == "b":
+            biases[key] = tensor  # [out]
         else:
             weights.setdefault(key, [None, None])["AB".index(half)] = tensor
-    return LoadedAdapter(spec=spec, weights={key: (a, b) for key, (a, b) in weights.items()}, magnitudes=magnitudes)
+    return LoadedAdapter(spec=spec, weights={key: (a, b) for key, (a, b) in weights.items()}, magnitudes=magnitudes,
+                         biases=biases)
 
 
 def _read_tensors(f, entries: dict[str, TensorEntry], data_start: int, size: int, adapter_id: str) -> dict:

@@ -5,11 +5,13 @@ For every (layer, projection) the pool preallocates
     b:     [S, R, H_out]  lora_B of each slot, transposed (see lorad.kernels.lora_expand)
     scale: [S]            float32 lora_alpha / r (or / sqrt(r) for rsLoRA)
     dora:  [S, H_out]     float32 DoRA row scale m / ||W + scale B A||_row; ones for plain LoRA
+    bias:  [S, H_out]     float32 scale * lora_B bias (PEFT's lora_bias); zeros for plain LoRA
 where S = max_loras and R = max_lora_rank. Loading an adapter zeroes its slot and copies the
-adapter in; nothing is allocated after start-up, except a module's `dora` table, made (all
-ones) when the first DoRA adapter is written to that module, so a server that never sees DoRA
-holds none. The DoRA row scale needs the base weight, which the pool does not hold: the model
-runner computes it (`row_scale`, set by LlamaRunner).
+adapter in; nothing is allocated after start-up, except a module's `dora` table (all ones)
+and `bias` table (all zeros), each made when the first adapter that needs it is written to
+that module, so a server that never sees DoRA or lora_bias holds neither. The DoRA row scale
+needs the base weight, which the pool does not hold: the model runner computes it
+(`row_scale`, set by LlamaRunner).
 
 The slot table is a small state machine: an adapter is in at most one slot; a slot in use by
 running requests (refcount > 0) is never evicted; free slots are reused least recently used
@@ -37,6 +39,8 @@ class ModuleSlots:
     dora: torch.Tensor | None = None  # [S, H_out] float32, 1.0 except in DoRA slots; None until the first
     slots_mask: int = 0  # bit s set when slot s holds a nonzero adapter for this module
     dora_mask: int = 0  # bit s set when slot s holds a DoRA adapter for this module
+    bias: torch.Tensor | None = None  # [S, H_out] float32, 0.0 except in lora_bias slots; None until the first
+    bias_mask: int = 0  # bit s set when slot s holds a lora_bias adapter for this module
     _views: dict = field(default_factory=dict, repr=False)
 
     def rank_slice(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +91,8 @@ class LoRASlotPool:
     @property
     def nbytes(self) -> int:
         return sum(
-            m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() + (m.scale.numel() + (m.dora.numel() if m.dora is not None else 0)) * 4
+            m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size()
+            + (m.scale.numel() + sum(t.numel() for t in (m.dora, m.bias) if t is not None)) * 4
             for layer in self.layers
             for m in layer.values()
         )
@@ -191,6 +196,9 @@ class LoRASlotPool:
                 if m.dora_mask & bit:
                     m.dora[slot].fill_(1.0)
                     m.dora_mask &= ~bit
+                if m.bias_mask & bit:
+                    m.bias[slot].zero_()
+                    m.bias_mask &= ~bit
         self.slot_rank[slot] = 0
         self._written_rank[slot] = 0
 
@@ -212,4 +220,10 @@ class LoRASlotPool:
                     m.dora = torch.ones(self.num_slots, m.b.shape[2], dtype=torch.float32, device=self.device)
                 m.dora_mask |= bit  # first, as for slots_mask
                 m.dora[slot].copy_(self.row_scale(layer, proj, lora_a, lora_b, float(m.scale[slot]), magnitude))
+            bias = adapter.biases.get((layer, proj))
+            if bias is not None:  # [H_out], stored times the module's scale: what PEFT adds to a row
+                if m.bias is None:
+                    m.bias = torch.zeros(self.num_slots, m.b.shape[2], dtype=torch.float32, device=self.device)
+                m.bias_mask |= bit  # first, as for slots_mask
+                m.bias[slot].copy_(bias.to(self.device, torch.float32) * m.scale[slot])
         self.slot_rank[slot] = adapter.spec.rank

@@ -81,6 +81,26 @@ def _weight_row_sq(group, dtype: torch.dtype) -> torch.Tensor:
     return total
 
 
+def add_slot_bias(y: torch.Tensor, bias: torch.Tensor, meta: LoRABatchMeta) -> None:
+    """Add each adapter token's slot row of `bias` to its output row (PEFT's lora_bias).
+
+    Semantics:
+      for t in range(T):
+          if meta.token_slots[t] >= 0:
+              y[t] += bias[meta.token_slots[t]].to(y.dtype)
+    Only the rows of the batch's adapter tokens are read from `bias`: a base-only token (-1)
+    gets nothing, and no unused slot's row is ever gathered.
+
+    Args:
+      y: Shape: `[T, H_out]` (a column view of a group's output is fine). Modified in place.
+      bias: Shape: `[S, H_out]` float32, scale * lora_B bias per slot (zeros where a slot has none).
+      meta: the batch's LoRABatchMeta.
+    """
+    rows = meta.sorted_rows  # [num_lora_tokens] int64, the tokens that have an adapter
+    slots = meta.token_slots.index_select(0, rows).long()  # [num_lora_tokens]
+    y.index_add_(0, rows, bias.index_select(0, slots).to(y.dtype))
+
+
 @dataclass
 class SeqChunk:
     """One request's tokens in a step."""
@@ -195,6 +215,8 @@ class LlamaRunner:
                 lora_expand_dora(y, v, b, slots.scale, slots.dora, batch.lora_meta, backend=self.lora_backend)
             else:
                 add_lora(y, x, a, b, slots.scale, batch.lora_meta, backend=self.lora_backend)
+            if slots.bias_mask & batch.active_slots_mask:  # lora_bias: scale * bias of each token's slot
+                add_slot_bias(y, slots.bias, batch.lora_meta)
 
     def dora_row_scale(self, layer: int, name: str, lora_a, lora_b, scale: float, magnitude) -> torch.Tensor:
         """m / ||W + scale B A||_row, float32 [H_out] (lorad.kernels.dora.dora_row_scale), from

@@ -289,9 +289,9 @@ class QLoRARecipe:
         if c.quant == "none":
             self.echo("note: adapter: lora trains against the unquantized base; lorad serves over NF4 "
                       "(adapter: qlora trains against exactly the served weights)")
-        if c.bias != "none" or c.lora_bias or c.lora_modules_to_save:
-            self.echo("note: bias, lora_bias and modules_to_save adapters load in PEFT, but lorad serve refuses them: "
-                      "one shared batch cannot hold per-adapter biases or replaced modules")
+        if c.lora_modules_to_save:  # bias and lora_bias adapters are served (tests/test_variant_serving.py)
+            self.echo("note: modules_to_save adapters load in PEFT, but lorad serve refuses them: "
+                      "one shared batch cannot hold replaced modules")
 
     def _setup_data(self) -> None:
         tokenizer = self.base.tokenizer
