@@ -52,9 +52,12 @@ def test_decode_step_traces_in_one_graph(tiny_base, tiny_geometry, tmp_path):
     engine.runner.forward = lambda batch: (captured.append(batch), forward(batch))[1]
     prompt = engine.encode(prompt="The capital of France is")
     with engine:
+        # a0 resident first: adapters load on the loader thread, and a base row submitted beside a
+        # cold a0 could finish before a0's first decode step (then no step is mixed)
+        engine.generate(prompt, SamplingParams(max_new_tokens=1), adapter_id="a0")
         for adapter in ("a0", None):  # a mixed decode step: one adapter row, one base row
-            engine.submit(prompt, SamplingParams(max_new_tokens=4), lambda e: None, adapter_id=adapter)
-        engine.generate(prompt, SamplingParams(max_new_tokens=4), adapter_id="a0")
+            engine.submit(prompt, SamplingParams(max_new_tokens=8), lambda e: None, adapter_id=adapter)
+        engine.generate(prompt, SamplingParams(max_new_tokens=8), adapter_id="a0")
     batch = next(b for b in reversed(captured) if all(c.length == 1 for c in b.chunks)  # decode only,
                  and 0 < b.lora_meta.num_lora_tokens < len(b.chunks))  # adapter and base rows mixed
     eager = forward(batch)  # rewrites the same cache positions with the same values
