@@ -52,6 +52,15 @@ def tiny_base(tokenizer) -> LoadedBase:
 
 
 @pytest.fixture(scope="session")
+def long_base(tokenizer) -> LoadedBase:
+    """The tiny random Llama with room for 2048 positions: a request can run for seconds."""
+    model = tiny_llama(len(tokenizer), max_position_embeddings=2048)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return LoadedBase(model=model, tokenizer=tokenizer, resolved=ResolvedBase("tiny-llama", "local", "<memory>", "none"),
+                      device=torch.device("cpu"), compute_dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
 def tiny_geometry(tiny_base) -> ModelGeometry:
     return ModelGeometry.from_hf_config(tiny_base.model.config)
 

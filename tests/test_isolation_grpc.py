@@ -16,9 +16,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from lorad.base_model import LoadedBase
 from lorad.clients import Client, LoradRPCError
-from lorad.testing import ServerThread, tiny_llama, write_random_adapter
+from lorad.testing import ServerThread, write_random_adapter
 from lorad.v1 import lorad_pb2, lorad_pb2_grpc
 from serving_helpers import engine_gauges, scrape, server_config, wait_for, wait_gauges_idle
 
@@ -44,19 +43,6 @@ HOSTILE = {  # adapter id -> how its folder is broken (the findings of issue 8)
     "garbage-weights": lambda p: (p / "adapter_model.safetensors").write_bytes(b"\x00" * 7),
     "no-weights": lambda p: (p / "adapter_model.safetensors").unlink(),
 }
-
-
-@pytest.fixture(scope="module")
-def long_base(tokenizer) -> LoadedBase:
-    """The tiny random Llama with room for 2048 positions: requests that run for seconds."""
-    import torch
-
-    from lorad.base_model import ResolvedBase
-
-    model = tiny_llama(len(tokenizer), max_position_embeddings=2048)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return LoadedBase(model=model, tokenizer=tokenizer, resolved=ResolvedBase("tiny-llama-2k", "local", "<memory>", "none"),
-                      device=torch.device("cpu"), compute_dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")

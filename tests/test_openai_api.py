@@ -15,24 +15,12 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 from safetensors.torch import load_file, save_file
 
-from lorad.base_model import LoadedBase, ResolvedBase
 from lorad.clients import ROUTING_HEADER, Client
-from lorad.testing import ServeProcess, ServerThread, tiny_llama, write_random_adapter
+from lorad.testing import ServeProcess, ServerThread, write_random_adapter
 
 from serving_helpers import scrape, server_config, wait_for, wait_gauges_idle
 
 API_TOKEN = "http-api-token-0123456789abcdef"
-
-
-@pytest.fixture(scope="module")
-def long_base(tokenizer) -> LoadedBase:
-    """The tiny random Llama with room for 2048 positions: a request can run for seconds."""
-    import torch
-
-    model = tiny_llama(len(tokenizer), max_position_embeddings=2048)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return LoadedBase(model=model, tokenizer=tokenizer, resolved=ResolvedBase("tiny-llama", "local", "<memory>", "none"),
-                      device=torch.device("cpu"), compute_dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
