@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from lorad.deltas.factor import torch_threads  # noqa: F401 (the tests take it from here too)
+
 REPO = Path(__file__).resolve().parents[1]
 
 OFFLINE_ENV = {
@@ -91,18 +93,6 @@ def metrics(folder: Path) -> list[dict]:
 
 def train_losses(folder: Path) -> list[tuple[int, float]]:
     return [(m["step"], m["loss"]) for m in metrics(folder) if "loss" in m]
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:
