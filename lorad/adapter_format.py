@@ -23,7 +23,11 @@ per-module `rank_pattern` / `alpha_pattern` overrides. DoRA adapters (`use_dora`
 magnitude vector per module, which the server turns into a per-output-row scale (see
 lorad.server.lora_slots). `lora_bias` adapters carry a bias vector on lora_B per module; PEFT
 computes y = base(x) + scaling * (B @ A @ x + bias), so the server adds scaling * bias to the
-rows of that adapter's tokens.
+rows of that adapter's tokens. `modules_to_save` adapters carry a whole trained copy of the
+embedding table and/or the output head (the two modules PEFT users save: new or retrained
+tokens, a chat template); the server swaps them in for that adapter's tokens
+(lorad.server.model_runner). A saved copy of any other module is refused: a replaced layer
+would need its own forward pass per adapter.
 """
 
 from __future__ import annotations
@@ -53,6 +57,21 @@ _TENSOR_NAME = re.compile(
     r"|lora_B(?:\.[\w-]+)?\.(b)ias)$"
 )
 _HALF_NAMES = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector", "b": "lora_B bias"}
+
+# modules_to_save the server can swap per adapter: short name -> the module's name in the base.
+# PEFT saves the trained copy as base_model.model.<full name>.weight (its ".modules_to_save.default"
+# stripped), e.g. base_model.model.lm_head.weight.
+SAVED_MODULES = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head"}
+
+
+def saved_module(name: str) -> str | None:
+    """The SAVED_MODULES key a modules_to_save entry names, by PEFT's rule (the module's full
+    name is the entry or ends with "." + entry), or None when lorad serve cannot swap it."""
+    return next((short for short, full in SAVED_MODULES.items() if name and (full == name or full.endswith("." + name))),
+                None)
+
+
+_SAVED_MODULE_NAME = re.compile(r"^(?:base_model\.model\.)?(model\.embed_tokens|lm_head)\.weight$")
 
 
 def _half(m: re.Match) -> str:
@@ -106,6 +125,7 @@ class AdapterSpec:
     config: "AdapterConfig" = field(repr=False)
     use_dora: bool = False  # every module has a magnitude vector (LoadedAdapter.magnitudes)
     lora_bias: bool = False  # every module has a lora_B bias (LoadedAdapter.biases)
+    saved_modules: tuple[str, ...] = ()  # SAVED_MODULES keys whose whole weight the adapter replaces
 
 
 @dataclass
@@ -120,11 +140,13 @@ class LoadedAdapter:
     magnitudes: dict[tuple[int, str], "object"] = field(default_factory=dict, repr=False)
     # lora_bias: (layer, proj) -> lora_B bias [out], unscaled as PEFT stores it; empty otherwise
     biases: dict[tuple[int, str], "object"] = field(default_factory=dict, repr=False)
+    # modules_to_save: "embed_tokens" / "lm_head" -> the trained weight [vocab, hidden]; empty otherwise
+    saved_modules: dict[str, "object"] = field(default_factory=dict, repr=False)
 
     @property
     def nbytes(self) -> int:
         return (sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
-                + sum(v.numel() * v.element_size() for v in self.biases.values()))
+                + sum(v.numel() * v.element_size() for v in (*self.biases.values(), *self.saved_modules.values())))
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -267,6 +289,8 @@ class AdapterConfig:
     use_rslora: bool
     use_dora: bool
     lora_bias: bool
+    modules_to_save: tuple[str, ...]  # SAVED_MODULES keys, each listed module resolved
+    ensure_weight_tying: bool  # PEFT ties the saved copies of tied modules (both are in the file)
     rank_pattern: PatternTable
     alpha_pattern: PatternTable
 
@@ -284,7 +308,7 @@ class AdapterConfig:
             raise InvalidAdapterError(
                 f"adapter {adapter_id!r}: peft_type {shorten(peft_type)} is not supported (only LORA)")
         flags = {}
-        for key in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):
+        for key in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "ensure_weight_tying"):
             value = raw.get(key)
             if value is not None and not isinstance(value, bool):
                 raise bad(key, "must be true or false")
@@ -307,11 +331,16 @@ class AdapterConfig:
         modules_to_save = raw.get("modules_to_save")
         if modules_to_save is not None and not _is_str_list(modules_to_save):
             raise bad("modules_to_save", "must be null or a list of module names")
-        if modules_to_save:
-            raise InvalidAdapterError(
-                f"adapter {adapter_id!r}: modules_to_save={shorten(modules_to_save)} would replace base modules "
-                "per adapter, which cannot share one batch; retrain without modules_to_save"
-            )
+        saved = []
+        for name in modules_to_save or ():
+            short = saved_module(name)
+            if short is None:
+                raise InvalidAdapterError(
+                    f"adapter {adapter_id!r}: modules_to_save names {shorten(name)}: lorad serve swaps only "
+                    f"{' and '.join(SAVED_MODULES)} per adapter (another replaced module would need its own forward "
+                    "pass per adapter, which cannot share one batch); retrain without it")
+            if short not in saved:
+                saved.append(short)
         if raw.get("layer_replication") is not None:
             raise InvalidAdapterError(f"adapter {adapter_id!r}: layer_replication is not supported")
         target = raw.get("target_modules")
@@ -329,6 +358,8 @@ class AdapterConfig:
             use_rslora=flags["use_rslora"],
             use_dora=flags["use_dora"],
             lora_bias=flags["lora_bias"],
+            modules_to_save=tuple(saved),
+            ensure_weight_tying=flags["ensure_weight_tying"],
             rank_pattern=_pattern_table(raw, "rank_pattern", _is_rank, f"positive whole numbers up to {MAX_RANK}",
                                         adapter_id),
             alpha_pattern=_pattern_table(raw, "alpha_pattern", _is_positive_number, "positive, finite numbers",
@@ -469,7 +500,10 @@ def _check_weights_present(path: Path, adapter_id: str) -> None:
 def _build_spec(path: Path, adapter_id: str, config: AdapterConfig, entries: dict[str, TensorEntry], size: int,
                 geometry: ModelGeometry, max_rank: int) -> AdapterSpec:
     halves: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
+    saved = _saved_module_shapes(adapter_id, config, entries, geometry)
     for name, entry in entries.items():
+        if _SAVED_MODULE_NAME.match(name):
+            continue
         m = _TENSOR_NAME.match(name)
         if m is None:
             raise InvalidAdapterError(
@@ -555,7 +589,38 @@ def _build_spec(path: Path, adapter_id: str, config: AdapterConfig, entries: dic
         config=config,
         use_dora=config.use_dora,
         lora_bias=config.lora_bias,
+        saved_modules=tuple(saved),
     )
+
+
+def _saved_module_shapes(adapter_id: str, config: AdapterConfig, entries: dict[str, TensorEntry],
+                         geometry: ModelGeometry) -> list[str]:
+    """The SAVED_MODULES the file replaces, checked against the config and the base's shapes."""
+    allowed = set(config.modules_to_save)
+    if config.ensure_weight_tying and allowed:  # PEFT saves the tied partner's copy too
+        allowed |= set(SAVED_MODULES)
+    found = []
+    for name, entry in entries.items():
+        m = _SAVED_MODULE_NAME.match(name)
+        if m is None:
+            continue
+        short = next(k for k, full in SAVED_MODULES.items() if full == m.group(1))
+        if short not in allowed:
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: tensor {shorten(name)} is a trained copy of {short}, "
+                                      f"but {CONFIG_FILE} does not list it in modules_to_save")
+        if short in found:
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: the file has two trained copies of {short}")
+        if entry.shape != (geometry.vocab_size, geometry.hidden_size):
+            raise InvalidAdapterError(
+                f"adapter {adapter_id!r}: its trained {short} has shape {list(entry.shape)}; the base needs "
+                f"[{geometry.vocab_size}, {geometry.hidden_size}] (lorad serves the base's vocabulary: an adapter "
+                "trained with added tokens cannot share its batches)")
+        found.append(short)
+    for short in config.modules_to_save:
+        if short not in found:
+            raise InvalidAdapterError(f"adapter {adapter_id!r}: modules_to_save lists {short} but the file has no "
+                                      f"trained copy of it ({SAVED_MODULES[short]}.weight)")
+    return sorted(found, key=list(SAVED_MODULES).index)
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -593,8 +658,12 @@ def load_adapter(path: Path, adapter_id: str, geometry: ModelGeometry, max_rank:
         spec = _build_spec(path, adapter_id, config, entries, size, geometry, max_rank)
         tensors = _read_tensors(f, entries, data_start, size, adapter_id)
     weights: dict[tuple[int, str], list] = {}
-    magnitudes, biases = {}, {}
+    magnitudes, biases, saved = {}, {}, {}
     for name, tensor in tensors.items():
+        module = _SAVED_MODULE_NAME.match(name)
+        if module is not None:  # [vocab, hidden], checked by _build_spec
+            saved[next(k for k, full in SAVED_MODULES.items() if full == module.group(1))] = tensor
+            continue
         m = _TENSOR_NAME.match(name)
         assert m is not None, name  # _build_spec accepted every name
         key, half = (int(m.group(1)), m.group(2)), _half(m)
@@ -605,7 +674,7 @@ def load_adapter(path: Path, adapter_id: str, geometry: ModelGeometry, max_rank:
         else:
             weights.setdefault(key, [None, None])["AB".index(half)] = tensor
     return LoadedAdapter(spec=spec, weights={key: (a, b) for key, (a, b) in weights.items()}, magnitudes=magnitudes,
-                         biases=biases)
+                         biases=biases, saved_modules=saved)
 
 
 def _read_tensors(f, entries: dict[str, TensorEntry], data_start: int, size: int, adapter_id: str) -> dict:

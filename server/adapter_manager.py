@@ -355,7 +355,7 @@ class AdapterManager:
             pinned=len(pins),
             slots_used=pool.slots_used + len(self._retired),
             host_bytes=sum(a.nbytes for a in self._host.values()),
-            device_bytes=pool.slot_nbytes * (len(pool.slot_of) + len(self._retired)),
+            device_bytes=pool.slot_nbytes * (len(pool.slot_of) + len(self._retired)) + pool.saved_nbytes,
         )
 
     def _nbytes(self, adapter_id: str) -> int:

@@ -9,7 +9,10 @@ For every (layer, projection) the pool preallocates
 where S = max_loras and R = max_lora_rank. Loading an adapter zeroes its slot and copies the
 adapter in; nothing is allocated after start-up, except a module's `dora` table (all ones)
 and `bias` table (all zeros), each made when the first adapter that needs it is written to
-that module, so a server that never sees DoRA or lora_bias holds neither. The DoRA row scale
+that module, so a server that never sees DoRA or lora_bias holds neither. An adapter with
+modules_to_save also brings whole weights ([vocab, hidden] each: `saved[name][slot]`), held
+on the device while it has its slot and dropped when it leaves; they are not preallocated,
+because one output head is about as large as all the LoRA slots of a small base together. The DoRA row scale
 needs the base weight, which the pool does not hold: the model runner computes it
 (`row_scale`, set by LlamaRunner).
 
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorad.adapter_format import LoadedAdapter
+from lorad.adapter_format import SAVED_MODULES, LoadedAdapter
 from lorad.geometry import PROJECTIONS, ModelGeometry
 
 from lorad.server.zero_pages import ZeroPages
@@ -85,11 +88,20 @@ class LoRASlotPool:
         # (layer, proj, lora_a [r, H_in], lora_b [H_out, r], scale, magnitude [H_out]) -> [H_out] float32
         # DoRA's row scale; set by the model runner, which holds the base weights
         self.row_scale = None
+        # modules_to_save: name -> [S] the slot's trained weight [vocab, hidden] or None; bit s of
+        # saved_mask[name] set when slot s has one
+        self.saved: dict[str, list[torch.Tensor | None]] = {name: [None] * num_slots for name in SAVED_MODULES}
+        self.saved_mask: dict[str, int] = dict.fromkeys(SAVED_MODULES, 0)
 
     # --- accounting -----------------------------------------------------------------------
 
     @property
     def nbytes(self) -> int:
+        return self.tables_nbytes + self.saved_nbytes
+
+    @property
+    def tables_nbytes(self) -> int:
+        """Bytes of the per-module slot tables (every slot is sized for max_lora_rank)."""
         return sum(
             m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size()
             + (m.scale.numel() + sum(t.numel() for t in (m.dora, m.bias) if t is not None)) * 4
@@ -98,9 +110,15 @@ class LoRASlotPool:
         )
 
     @property
+    def saved_nbytes(self) -> int:
+        """Bytes of the modules_to_save weights the slots hold now."""
+        return sum(w.numel() * w.element_size() for slots in self.saved.values() for w in slots if w is not None)
+
+    @property
     def slot_nbytes(self) -> int:
-        """Device bytes of one slot (every slot is sized for max_lora_rank)."""
-        return self.nbytes // self.num_slots
+        """Device bytes of one slot's tables (every slot is sized for max_lora_rank; saved
+        modules are counted apart, by saved_nbytes)."""
+        return self.tables_nbytes // self.num_slots
 
     @property
     def slots_used(self) -> int:
@@ -199,6 +217,9 @@ class LoRASlotPool:
                 if m.bias_mask & bit:
                     m.bias[slot].zero_()
                     m.bias_mask &= ~bit
+        for name, weights in self.saved.items():
+            weights[slot] = None
+            self.saved_mask[name] &= ~bit
         self.slot_rank[slot] = 0
         self._written_rank[slot] = 0
 
@@ -226,4 +247,8 @@ class LoRASlotPool:
                     m.bias = torch.zeros(self.num_slots, m.b.shape[2], dtype=torch.float32, device=self.device)
                 m.bias_mask |= bit  # first, as for slots_mask
                 m.bias[slot].copy_(bias.to(self.device, torch.float32) * m.scale[slot])
+        for name, weight in adapter.saved_modules.items():  # [vocab, hidden], in the activations' dtype
+            self.saved_mask[name] |= bit  # first, as for slots_mask
+            # a copy, never a view of the host cache's tensor (which is dropped on its own schedule)
+            self.saved[name][slot] = weight.to(self.device, self.dtype, copy=True)
         self.slot_rank[slot] = adapter.spec.rank

@@ -22,7 +22,10 @@ dispatch whatever its size, so the layer is written for few calls:
     cache, so the keys are a view, never a copy. Prompt chunks run one SDPA per request
     (causal, offset by what is already cached);
   * only the rows that sample reach the final norm and the logits head
-    (projections.LogitsHead).
+    (projections.LogitsHead);
+  * an adapter with modules_to_save (embed_tokens, lm_head) has its own trained copy looked up
+    or multiplied for its tokens only, one call per such adapter in the step
+    (replace_saved_rows); the other rows keep the base's.
 """
 
 from __future__ import annotations
@@ -99,6 +102,30 @@ def add_slot_bias(y: torch.Tensor, bias: torch.Tensor, meta: LoRABatchMeta) -> N
     rows = meta.sorted_rows  # [num_lora_tokens] int64, the tokens that have an adapter
     slots = meta.token_slots.index_select(0, rows).long()  # [num_lora_tokens]
     y.index_add_(0, rows, bias.index_select(0, slots).to(y.dtype))
+
+
+def replace_saved_rows(out: torch.Tensor, row_slots: torch.Tensor, weights: list, mask: int, compute) -> None:
+    """Overwrite the rows of `out` whose slot holds a trained copy of a module (modules_to_save).
+
+    Semantics:
+      for t in range(len(out)):
+          s = row_slots[t]
+          if s >= 0 and mask & (1 << s):
+              out[t] = compute(weights[s], t)
+    computed once per such slot over all of its rows: `compute(weight, rows)` gets the slot's
+    weight and the int64 index of its rows and returns their new values [len(rows), ...].
+
+    Args:
+      out: Shape: `[N, ...]`, modified in place (the step's embeddings or logits).
+      row_slots: Shape: `[N]` int, each row's slot, -1 for base-only rows.
+      weights: the pool's per-slot list for one module (None where a slot has no copy).
+      mask: bit s set when weights[s] is a copy; only slots in it are read.
+    """
+    for slot in range(len(weights)):
+        if mask >> slot & 1:
+            rows = (row_slots == slot).nonzero().flatten()  # [n] int64
+            if rows.numel():
+                out[rows] = compute(weights[slot], rows).to(out.dtype)
 
 
 @dataclass
@@ -336,6 +363,10 @@ class LlamaRunner:
         T = batch.input_ids.shape[0]
         nH, nKV, D = g.num_heads, g.num_kv_heads, g.head_dim
         h = self.embed(batch.input_ids).to(self.dtype)  # [T, hidden]
+        saved = self.pool.saved_mask
+        if saved["embed_tokens"] & batch.active_slots_mask:  # modules_to_save: the adapter's own embeddings
+            replace_saved_rows(h, batch.lora_meta.token_slots, self.pool.saved["embed_tokens"], saved["embed_tokens"],
+                               lambda w, rows: w.index_select(0, batch.input_ids.index_select(0, rows)))
         cos = self.cos[batch.positions][:, None]  # [T, 1, D]
         sin = self.sin_signed[batch.positions][:, None]
         plan = self._plan(batch)
@@ -352,4 +383,9 @@ class LlamaRunner:
             gate_up = self._project(i, "gate_up", x, batch)  # [T, 2 * intermediate]
             h += self._project(i, "down", layer.act(gate_up[:, :inter]) * gate_up[:, inter:], batch)
         last = self._rms_norm(self.norm, h.index_select(0, batch.logits_index))  # [B, hidden]
-        return self.head(last)  # [B, vocab] float32
+        logits = self.head(last)  # [B, vocab] float32
+        if saved["lm_head"] & batch.active_slots_mask:  # modules_to_save: the adapter's own output head
+            replace_saved_rows(logits, batch.lora_meta.token_slots.index_select(0, batch.logits_index),
+                               self.pool.saved["lm_head"], saved["lm_head"],
+                               lambda w, rows: F.linear(last.index_select(0, rows), w).float())
+        return logits

@@ -3,7 +3,7 @@ is a plain LoRA (Llama projections have no biases to train), so the server accep
 serves exactly what PEFT computes. PEFT's `lora_bias` (a bias on lora_B: y = base(x) + scaling *
 (B @ A @ x + bias)) is served through a per-slot bias table, in mixed batches with plain
 adapters and base-only rows. DoRA and rsLoRA are in tests/test_oracle.py and
-tests/test_dora_serving.py; modules_to_save stays refused."""
+tests/test_dora_serving.py; modules_to_save in tests/test_saved_module_serving.py."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from lorad.adapter_format import SAVED_MODULES, saved_module
 from lorad.base_model import BaseModelConfig, load_base, weights_digest
 from lorad.errors import ConfigError
 from lorad.trainer import adapter as lora
@@ -289,9 +290,10 @@ class QLoRARecipe:
         if c.quant == "none":
             self.echo("note: adapter: lora trains against the unquantized base; lorad serves over NF4 "
                       "(adapter: qlora trains against exactly the served weights)")
-        if c.lora_modules_to_save:  # bias and lora_bias adapters are served (tests/test_variant_serving.py)
-            self.echo("note: modules_to_save adapters load in PEFT, but lorad serve refuses them: "
-                      "one shared batch cannot hold replaced modules")
+        unservable = [n for n in c.lora_modules_to_save or () if saved_module(n) is None]
+        if unservable:  # embed_tokens and lm_head copies are served (tests/test_saved_module_serving.py)
+            self.echo(f"note: modules_to_save {unservable}: such adapters load in PEFT, but lorad serve swaps only "
+                      f"{' and '.join(SAVED_MODULES)} per adapter and will refuse them")
 
     def _setup_data(self) -> None:
         tokenizer = self.base.tokenizer

@@ -1,0 +1,255 @@
+"""modules_to_save adapters, served: PEFT saves a whole trained copy of the embedding table
+and/or the output head beside the LoRA matrices, and lorad serve swaps the copy in for that
+adapter's tokens only, in the same batches as plain adapters and base-only rows
+(lorad.server.model_runner.replace_saved_rows). Checked against PEFT itself, for adapters
+PEFT makes and for one `lorad train` makes; copies of other modules are refused with a reason."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import warnings
+
+import pytest
+import torch
+
+from lorad.adapter_format import load_adapter
+from lorad.errors import InvalidAdapterError
+
+PROMPTS = [[5, 17, 99, 3, 42], [7, 8, 250, 11, 64, 2], [33, 1, 90, 12], [61, 4, 4, 300, 18]]
+
+
+def _peft_adapter(model, path, modules_to_save, seed, **extra):
+    """A PEFT adapter (LoRA on q_proj and down_proj) whose saved copies are moved away from the
+    base's weights, as training would, so that serving the base's instead cannot pass."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():  # PEFT warns about tied embeddings and saving the embedding layer
+        warnings.simplefilter("ignore")
+        peft = get_peft_model(copy.deepcopy(model), LoraConfig(
+            r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "down_proj"],
+            modules_to_save=modules_to_save, **extra))
+        with torch.no_grad():
+            for name, module in peft.named_modules():
+                if name.endswith("modules_to_save.default"):
+                    module.weight.add_(torch.randn_like(module.weight) * 3 * module.weight.std())
+        peft.save_pretrained(path)
+    return peft.eval()
+
+
+@pytest.fixture(scope="module")
+def saved_adapters(tiny_base, tmp_path_factory):
+    """One adapters folder: 'head' (a trained lm_head), 'embed' (trained embed_tokens), 'tied'
+    (PEFT's ensure_weight_tying: one trained copy for both, saved twice) and 'plain', with the
+    PEFT model that serves each alone."""
+    root = tmp_path_factory.mktemp("saved-modules")
+    model = tiny_base.model
+    return root, {
+        "head": _peft_adapter(model, root / "head", ["lm_head"], seed=1),
+        "embed": _peft_adapter(model, root / "embed", ["embed_tokens"], seed=2),
+        "tied": _peft_adapter(model, root / "tied", ["embed_tokens"], seed=3, ensure_weight_tying=True),
+        "plain": _peft_adapter(model, root / "plain", None, seed=4),
+    }
+
+
+def test_saved_copies_are_read_with_the_adapter(saved_adapters, tiny_geometry):
+    root, peft = saved_adapters
+    expected_modules = {"head": ("lm_head",), "embed": ("embed_tokens",), "tied": ("embed_tokens", "lm_head"),
+                        "plain": ()}
+    for name, modules in expected_modules.items():
+        adapter = load_adapter(root / name, name, tiny_geometry, max_rank=8)
+        assert adapter.spec.saved_modules == modules and set(adapter.saved_modules) == set(modules)
+        inner = peft[name].base_model.model
+        for module in modules:
+            wrapper = inner.lm_head if module == "lm_head" else inner.model.embed_tokens
+            assert torch.equal(adapter.saved_modules[module], wrapper.modules_to_save["default"].weight)
+        lora_bytes = sum(t.numel() * 4 for pair in adapter.weights.values() for t in pair)
+        assert adapter.nbytes == lora_bytes + len(modules) * tiny_geometry.vocab_size * tiny_geometry.hidden_size * 4
+    tied = load_adapter(root / "tied", "tied", tiny_geometry, max_rank=8).saved_modules
+    assert torch.equal(tied["lm_head"], tied["embed_tokens"])
+
+
+def _mixed_runner(tiny_base, tiny_geometry, root, adapters):
+    from lorad.server.kv_cache import KVCache
+    from lorad.server.lora_slots import LoRASlotPool
+    from lorad.server.model_runner import LlamaRunner
+
+    kv = KVCache(tiny_geometry, len(PROMPTS), 16, torch.float32, torch.device("cpu"))
+    pool = LoRASlotPool(tiny_geometry, num_slots=len(adapters), max_rank=8, dtype=torch.float32,
+                        device=torch.device("cpu"))
+    runner = LlamaRunner(tiny_base.model, tiny_geometry, kv, pool, "torch")
+    slots = {a: pool.acquire_load(load_adapter(root / a, a, tiny_geometry, max_rank=8)) for a in adapters}
+    return runner, pool, slots
+
+
+def _prefill(runner, pool, token_slots_per_row):
+    """One step prefilling every prompt at once; row i's tokens use slot token_slots_per_row[i]
+    (-1: base). Returns the last token's logits per row [rows, V]."""
+    from lorad.kernels import build_lora_meta
+    from lorad.server.model_runner import SeqChunk, StepBatch
+
+    chunks, offset = [], 0
+    for row, ids in enumerate(PROMPTS):
+        chunks.append(SeqChunk(row=row, start=0, length=len(ids), offset=offset))
+        offset += len(ids)
+    slots = torch.cat([torch.full((len(ids),), s, dtype=torch.int64) for ids, s in zip(PROMPTS, token_slots_per_row)])
+    batch = StepBatch(
+        input_ids=torch.tensor([t for ids in PROMPTS for t in ids]),
+        positions=torch.cat([torch.arange(len(i)) for i in PROMPTS]),
+        rows=torch.cat([torch.full((len(ids),), r, dtype=torch.int64) for r, ids in enumerate(PROMPTS)]), chunks=chunks,
+        lora_meta=build_lora_meta(slots, pool.num_slots),
+        active_slots_mask=sum(1 << s for s in set(token_slots_per_row) if s >= 0), lora_rank=4,
+        logits_index=torch.tensor([c.offset + c.length - 1 for c in chunks]), n_rows=len(PROMPTS))
+    return runner.forward(batch)
+
+
+def _without_copies(peft):
+    """The PEFT model with its saved copies reset to the base's modules (the LoRA kept)."""
+    inner = copy.deepcopy(peft).base_model.model
+    for wrapper in (inner.lm_head, inner.model.embed_tokens):
+        if hasattr(wrapper, "modules_to_save"):
+            wrapper.modules_to_save["default"].weight.data.copy_(wrapper.original_module.weight)
+    return inner
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1].float()
+
+
+@pytest.mark.parametrize("rows", [["head", "plain", None, "embed"], ["tied", "head", "embed", None]])
+def test_saved_module_rows_in_a_mixed_batch_match_peft_alone(saved_adapters, tiny_base, tiny_geometry, rows):
+    root, peft = saved_adapters
+    runner, pool, slots = _mixed_runner(tiny_base, tiny_geometry, root, ("head", "embed", "tied", "plain"))
+    got = _prefill(runner, pool, [slots[a] if a else -1 for a in rows])  # [4, V]
+    expected = [_logits(peft[a] if a else tiny_base.model, ids) for ids, a in zip(PROMPTS, rows)]
+    for i, a in enumerate(rows):
+        if a in ("head", "embed", "tied"):  # the copy matters: serving the base's module instead cannot pass
+            assert (_logits(_without_copies(peft[a]), PROMPTS[i]) - expected[i]).abs().max() > 0.1
+        torch.testing.assert_close(got[i], expected[i], rtol=1e-4, atol=1e-4)
+
+
+def test_saved_copies_leave_the_device_with_their_slot(saved_adapters, tiny_base, tiny_geometry):
+    root, _ = saved_adapters
+    runner, pool, slots = _mixed_runner(tiny_base, tiny_geometry, root, ("plain", "tied"))
+    copy_bytes = tiny_geometry.vocab_size * tiny_geometry.hidden_size * 4
+    assert pool.saved_nbytes == 2 * copy_bytes and pool.nbytes == pool.tables_nbytes + 2 * copy_bytes
+    assert pool.saved_mask == {"embed_tokens": 1 << slots["tied"], "lm_head": 1 << slots["tied"]}
+    base_rows = [-1, slots["plain"], -1, -1]
+    before = _prefill(runner, pool, base_rows)
+    pool.release(slots["tied"])
+    assert pool.evict("tied")
+    assert pool.saved_nbytes == 0 and pool.saved_mask == {"embed_tokens": 0, "lm_head": 0}
+    assert pool.saved["lm_head"] == [None, None]
+    # the rows that never used the copies are bit-identical with and without them resident
+    torch.testing.assert_close(_prefill(runner, pool, base_rows), before, rtol=0, atol=0)
+
+
+def test_engine_serves_saved_module_adapters_greedy_tokens_as_peft_does(saved_adapters, tiny_base):
+    from serving_helpers import make_engine
+
+    from lorad.server.sampling import SamplingParams
+
+    root, peft = saved_adapters
+    rows = ["head", "embed", None, "plain"]
+    new_tokens = 8
+    engine = make_engine(tiny_base, str(root))
+    try:
+        for a in ("head", "embed", "plain"):  # resident first, so every row joins the same batches
+            engine.generate(PROMPTS[0], SamplingParams(max_new_tokens=1), adapter_id=a)
+        results, done = [], threading.Semaphore(0)
+        for ids, a in zip(PROMPTS, rows):
+            box = []
+            results.append(box)
+            engine.submit(ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
+                          lambda e, box=box: (box.append(e), done.release()) if e.kind != "chunk" else None, adapter_id=a)
+        for _ in rows:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    assert all(box[0].kind == "final" for box in results), [box[0].error for box in results]
+
+    def greedy(model, ids):
+        ids = list(ids)
+        for _ in range(new_tokens):
+            ids.append(int(_logits(model, ids).argmax()))
+        return ids[-new_tokens:]
+
+    expected = [greedy(peft[a] if a else tiny_base.model, ids) for ids, a in zip(PROMPTS, rows)]
+    for i in (0, 1):  # the trained head and embeddings change what is generated
+        assert expected[i] != greedy(_without_copies(peft[rows[i]]), PROMPTS[i])
+    assert [box[0].token_ids for box in results] == expected
+
+
+def _mutate(src, dst, config=None, tensors=None):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if config:
+        raw = json.loads((dst / "adapter_config.json").read_text())
+        raw.update(config)
+        (dst / "adapter_config.json").write_text(json.dumps(raw))
+    if tensors:
+        weights = load_file(dst / "adapter_model.safetensors")
+        tensors(weights)
+        save_file(weights, dst / "adapter_model.safetensors")
+
+
+_HEAD = "base_model.model.lm_head.weight"
+
+
+@pytest.mark.parametrize("source, config, tensors, message", [
+    ("head", {"modules_to_save": ["norm"]}, None, "modules_to_save names 'norm': lorad serve swaps only embed_tokens "
+                                                  "and lm_head"),
+    ("head", {"modules_to_save": ["lm_head", "embed_tokens"]}, None,
+     "modules_to_save lists embed_tokens but the file has no trained copy"),
+    ("head", {"modules_to_save": None}, None, "trained copy of lm_head, but adapter_config.json does not list it"),
+    ("head", {"modules_to_save": "lm_head"}, None, "must be null or a list"),
+    ("head", None, lambda w: w.__setitem__(_HEAD, torch.zeros(w[_HEAD].shape[0] + 8, w[_HEAD].shape[1])),
+     r"has shape \[49160, 64\]; the base needs \[49152, 64\].*added tokens"),
+    ("head", None, lambda w: w[_HEAD].__setitem__((0, 0), float("inf")), "NaN or Inf"),
+    ("plain", None, lambda w: w.__setitem__("base_model.model.model.norm.weight", torch.ones(64)), "does not map"),
+])
+def test_unservable_saved_modules_are_refused_naming_the_problem(saved_adapters, tiny_geometry, tmp_path, source,
+                                                                  config, tensors, message):
+    root, _ = saved_adapters
+    _mutate(root / source, tmp_path / "x", config, tensors)
+    with pytest.raises(InvalidAdapterError, match=message):
+        load_adapter(tmp_path / "x", "x", tiny_geometry, max_rank=8)
+
+
+def test_a_trained_modules_to_save_adapter_is_served_as_peft_loads_it(tmp_path):
+    """`lorad train` with lora_modules_to_save: [lm_head] (on the unquantized base, so the check
+    is exact): the adapter it publishes, loaded by the server's reader and run by the engine's
+    forward, gives the logits PEFT gives with it."""
+    from peft import PeftModel
+    from test_trainer_variants import run
+    from trainer_helpers import tiny_base_dir
+    from transformers import AutoModelForCausalLM
+
+    from lorad.geometry import ModelGeometry
+    from lorad.server.kv_cache import KVCache
+    from lorad.server.lora_slots import LoRASlotPool
+    from lorad.server.model_runner import LlamaRunner
+
+    recipe = run(tmp_path, "out", adapter="lora", lora_modules_to_save=["lm_head"], learning_rate=0.05)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base_dir(), dtype=torch.float32).eval()
+    geometry = ModelGeometry.from_hf_config(base.config)
+    adapter = load_adapter(recipe.output_dir, "trained", geometry, max_rank=16)
+    assert adapter.spec.saved_modules == ("lm_head",)
+    kv = KVCache(geometry, len(PROMPTS), 16, torch.float32, torch.device("cpu"))
+    pool = LoRASlotPool(geometry, num_slots=2, max_rank=16, dtype=torch.float32, device=torch.device("cpu"))
+    runner = LlamaRunner(base, geometry, kv, pool, "torch")
+    slot = pool.acquire_load(adapter)
+    got = _prefill(runner, pool, [slot, -1, slot, -1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft = PeftModel.from_pretrained(copy.deepcopy(base), str(recipe.output_dir)).eval()
+    head = peft.base_model.model.lm_head
+    assert (head.modules_to_save["default"].weight - head.original_module.weight).abs().max() > 1e-3  # it trained
+    for i, model in enumerate([peft, base, peft, base]):
+        torch.testing.assert_close(got[i], _logits(model, PROMPTS[i]), rtol=1e-4, atol=1e-4)
