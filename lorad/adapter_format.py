@@ -64,11 +64,25 @@ _HALF_NAMES = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector", "b": 
 SAVED_MODULES = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head"}
 
 
+# Every module name of a Llama model as transformers names them (layer 0 stands for every layer),
+# for matching modules_to_save entries the way PEFT does.
+_LLAMA_MODULE_NAMES = (
+    "", "model", "model.embed_tokens", "model.layers", "model.layers.0", "model.layers.0.self_attn",
+    *(f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")), "model.layers.0.mlp",
+    *(f"model.layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj", "act_fn")),
+    "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm", "model.norm", "model.rotary_emb",
+    "lm_head",
+)
+
+
 def saved_module(name: str) -> str | None:
-    """The SAVED_MODULES key a modules_to_save entry names, by PEFT's rule (the module's full
-    name is the entry or ends with "." + entry), or None when lorad serve cannot swap it."""
-    return next((short for short, full in SAVED_MODULES.items() if name and (full == name or full.endswith("." + name))),
-                None)
+    """The SAVED_MODULES key a modules_to_save entry names, or None when lorad serve cannot
+    swap what it names. PEFT's rule (peft.utils.other._set_trainable): every module whose name
+    ends with the entry is replaced, so "head" names lm_head, and "proj" every projection."""
+    matched = [full for full in _LLAMA_MODULE_NAMES if full.endswith(name)]
+    if len(matched) != 1:
+        return None
+    return next((short for short, full in SAVED_MODULES.items() if full == matched[0]), None)
 
 
 _SAVED_MODULE_NAME = re.compile(r"^(?:base_model\.model\.)?(model\.embed_tokens|lm_head)\.weight$")
@@ -146,7 +160,8 @@ class LoadedAdapter:
     @property
     def nbytes(self) -> int:
         return (sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
-                + sum(v.numel() * v.element_size() for v in (*self.biases.values(), *self.saved_modules.values())))
+                + sum(v.numel() * v.element_size() for v in self.biases.values())
+                + sum(v.numel() * v.element_size() for v in {id(v): v for v in self.saved_modules.values()}.values()))
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -336,9 +351,10 @@ class AdapterConfig:
             short = saved_module(name)
             if short is None:
                 raise InvalidAdapterError(
-                    f"adapter {adapter_id!r}: modules_to_save names {shorten(name)}: lorad serve swaps only "
-                    f"{' and '.join(SAVED_MODULES)} per adapter (another replaced module would need its own forward "
-                    "pass per adapter, which cannot share one batch); retrain without it")
+                    f"adapter {adapter_id!r}: modules_to_save names {shorten(name)}: PEFT replaces every module whose "
+                    f"name ends with it, and lorad serve swaps only {' and '.join(SAVED_MODULES)} per adapter (another "
+                    "replaced module would need its own forward pass per adapter, which cannot share one batch); "
+                    "retrain without it")
             if short not in saved:
                 saved.append(short)
         if raw.get("layer_replication") is not None:
@@ -673,8 +689,23 @@ def load_adapter(path: Path, adapter_id: str, geometry: ModelGeometry, max_rank:
             biases[key] = tensor  # [out]
         else:
             weights.setdefault(key, [None, None])["AB".index(half)] = tensor
+    if config.ensure_weight_tying and len(saved) == 2:  # PEFT ties the two copies into one parameter
+        if not _same_bits(saved["embed_tokens"], saved["lm_head"]):
+            raise InvalidAdapterError(
+                f"adapter {adapter_id!r}: ensure_weight_tying=true but its trained embed_tokens and lm_head differ; "
+                "PEFT ties them into one weight, so which one it serves is not defined")
+        saved["embed_tokens"] = saved["lm_head"]  # one tensor for both: the slot holds it once
     return LoadedAdapter(spec=spec, weights={key: (a, b) for key, (a, b) in weights.items()}, magnitudes=magnitudes,
                          biases=biases, saved_modules=saved)
+
+
+def _same_bits(a, b) -> bool:
+    """Bit equality of two tensors read from a file, in numpy (no torch ops: see load_adapter)."""
+    import numpy as np
+    import torch
+
+    return (a.shape == b.shape and a.dtype == b.dtype
+            and np.array_equal(a.view(torch.uint8).numpy(), b.view(torch.uint8).numpy()))
 
 
 def _read_tensors(f, entries: dict[str, TensorEntry], data_start: int, size: int, adapter_id: str) -> dict:
@@ -696,6 +727,9 @@ def _read_tensors(f, entries: dict[str, TensorEntry], data_start: int, size: int
             finite = not np.any((array & 0x7F80) == 0x7F80)  # exponent all ones: Inf or NaN
         else:
             finite = bool(np.isfinite(array).all())
+            if finite and entry.dtype == "F64" and count and np.abs(array).max() > _FLOAT32_MAX:
+                raise InvalidAdapterError(f"adapter {adapter_id!r}: tensor {shorten(name)} holds values beyond float32's "
+                                          "range, which the server computes in")
         if not finite:
             raise InvalidAdapterError(f"adapter {adapter_id!r}: tensor {shorten(name)} holds NaN or Inf values")
         tensor = torch.from_numpy(array.reshape(entry.shape))

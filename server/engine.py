@@ -552,6 +552,7 @@ class Engine:
             lora_rank=max((self.pool.slot_rank[r.slot] for r, _ in work if r.slot >= 0), default=0),
             logits_index=torch.tensor(logits_index, dtype=torch.int64, device=device),
             n_rows=len(self._running),
+            logits_slots=tuple(r.slot for r in sampled),
         )
         logits = self.runner.forward(batch)  # runs even when no one samples: it fills the cache
         for request, n in work:

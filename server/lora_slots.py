@@ -112,7 +112,8 @@ class LoRASlotPool:
     @property
     def saved_nbytes(self) -> int:
         """Bytes of the modules_to_save weights the slots hold now."""
-        return sum(w.numel() * w.element_size() for slots in self.saved.values() for w in slots if w is not None)
+        held = {id(w): w for slots in self.saved.values() for w in slots if w is not None}  # tied copies once
+        return sum(w.numel() * w.element_size() for w in held.values())
 
     @property
     def slot_nbytes(self) -> int:
@@ -169,13 +170,14 @@ class LoRASlotPool:
         self.refcount[slot] -= 1
         if self.refcount[slot] == 0:
             self._idle[slot] = None  # most recently used goes last
-            if self.adapter_in[slot] is None:  # retired: reuse it first
+            if self.adapter_in[slot] is None:  # retired: cleared (its saved modules freed) and reused first
+                self._clear(slot)
                 self._idle.move_to_end(slot, last=False)
 
     def retire(self, adapter_id: str) -> None:
         """Stop handing out adapter_id's slot (its files changed on disk): an idle slot is
         cleared now; a slot in use keeps its weights for the requests running on it and is
-        reused once they have released it. A later acquire loads the adapter afresh."""
+        cleared once they have released it. A later acquire loads the adapter afresh."""
         slot = self.slot_of.pop(adapter_id, None)
         if slot is None:
             return
@@ -247,8 +249,11 @@ class LoRASlotPool:
                     m.bias = torch.zeros(self.num_slots, m.b.shape[2], dtype=torch.float32, device=self.device)
                 m.bias_mask |= bit  # first, as for slots_mask
                 m.bias[slot].copy_(bias.to(self.device, torch.float32) * m.scale[slot])
+        copies = {}  # id of the host tensor -> its device copy: tied copies are one tensor (adapter_format)
         for name, weight in adapter.saved_modules.items():  # [vocab, hidden], in the activations' dtype
             self.saved_mask[name] |= bit  # first, as for slots_mask
-            # a copy, never a view of the host cache's tensor (which is dropped on its own schedule)
-            self.saved[name][slot] = weight.to(self.device, self.dtype, copy=True)
+            if id(weight) not in copies:
+                # a copy, never a view of the host cache's tensor (which is dropped on its own schedule)
+                copies[id(weight)] = weight.to(self.device, self.dtype, copy=True)
+            self.saved[name][slot] = copies[id(weight)]
         self.slot_rank[slot] = adapter.spec.rank

@@ -104,28 +104,23 @@ def add_slot_bias(y: torch.Tensor, bias: torch.Tensor, meta: LoRABatchMeta) -> N
     y.index_add_(0, rows, bias.index_select(0, slots).to(y.dtype))
 
 
-def replace_saved_rows(out: torch.Tensor, row_slots: torch.Tensor, weights: list, mask: int, compute) -> None:
-    """Overwrite the rows of `out` whose slot holds a trained copy of a module (modules_to_save).
+def replace_saved_rows(out: torch.Tensor, slot_rows, weights: list, compute) -> None:
+    """Overwrite the rows of `out` whose adapter has a trained copy of a module (modules_to_save).
 
     Semantics:
-      for t in range(len(out)):
-          s = row_slots[t]
-          if s >= 0 and mask & (1 << s):
-              out[t] = compute(weights[s], t)
-    computed once per such slot over all of its rows: `compute(weight, rows)` gets the slot's
-    weight and the int64 index of its rows and returns their new values [len(rows), ...].
+      for slot, rows in slot_rows:
+          out[rows] = compute(weights[slot], rows)
+    one call per slot over all of its rows: `compute(weight, rows)` gets the slot's weight and
+    the int64 index of its rows and returns their new values [len(rows), ...].
 
     Args:
       out: Shape: `[N, ...]`, modified in place (the step's embeddings or logits).
-      row_slots: Shape: `[N]` int, each row's slot, -1 for base-only rows.
-      weights: the pool's per-slot list for one module (None where a slot has no copy).
-      mask: bit s set when weights[s] is a copy; only slots in it are read.
+      slot_rows: (slot, rows) pairs, rows an int64 index tensor on out's device, for the slots of
+        the batch that have a copy (weights[slot] is not None); no other row is touched.
+      weights: the pool's per-slot list for one module.
     """
-    for slot in range(len(weights)):
-        if mask >> slot & 1:
-            rows = (row_slots == slot).nonzero().flatten()  # [n] int64
-            if rows.numel():
-                out[rows] = compute(weights[slot], rows).to(out.dtype)
+    for slot, rows in slot_rows:
+        out.index_copy_(0, rows, compute(weights[slot], rows).to(out.dtype))
 
 
 @dataclass
@@ -149,6 +144,9 @@ class StepBatch:
     lora_rank: int  # the largest rank among the batch's adapters (slots are zero past it)
     logits_index: torch.Tensor  # [B] int64 packed index of each token whose next token is sampled
     n_rows: int  # live cache rows, all in [0, n_rows)
+    # the slot of each sampled token (host ints, -1 for none), for modules_to_save heads; None:
+    # read from lora_meta when needed (a device sync)
+    logits_slots: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -365,7 +363,7 @@ class LlamaRunner:
         h = self.embed(batch.input_ids).to(self.dtype)  # [T, hidden]
         saved = self.pool.saved_mask
         if saved["embed_tokens"] & batch.active_slots_mask:  # modules_to_save: the adapter's own embeddings
-            replace_saved_rows(h, batch.lora_meta.token_slots, self.pool.saved["embed_tokens"], saved["embed_tokens"],
+            replace_saved_rows(h, self._token_rows(batch, saved["embed_tokens"]), self.pool.saved["embed_tokens"],
                                lambda w, rows: w.index_select(0, batch.input_ids.index_select(0, rows)))
         cos = self.cos[batch.positions][:, None]  # [T, 1, D]
         sin = self.sin_signed[batch.positions][:, None]
@@ -385,7 +383,24 @@ class LlamaRunner:
         last = self._rms_norm(self.norm, h.index_select(0, batch.logits_index))  # [B, hidden]
         logits = self.head(last)  # [B, vocab] float32
         if saved["lm_head"] & batch.active_slots_mask:  # modules_to_save: the adapter's own output head
-            replace_saved_rows(logits, batch.lora_meta.token_slots.index_select(0, batch.logits_index),
-                               self.pool.saved["lm_head"], saved["lm_head"],
+            replace_saved_rows(logits, self._logits_rows(batch, saved["lm_head"]), self.pool.saved["lm_head"],
                                lambda w, rows: F.linear(last.index_select(0, rows), w).float())
         return logits
+
+    def _token_rows(self, batch: StepBatch, mask: int) -> list:
+        """(slot, its tokens' rows) for the batch's slots in `mask`, from the grouped layout the
+        LoRA ops use: host bounds over the device's sorted rows, no sync."""
+        meta = batch.lora_meta
+        return [(slot, meta.sorted_rows[meta.seg_starts_host[d] : meta.seg_starts_host[d + 1]])
+                for d, slot in enumerate(meta.active_slots_host) if mask >> slot & 1]
+
+    def _logits_rows(self, batch: StepBatch, mask: int) -> list:
+        """(slot, its rows of the logits) for the batch's slots in `mask`."""
+        slots = batch.logits_slots
+        if slots is None:
+            slots = batch.lora_meta.token_slots.index_select(0, batch.logits_index).tolist()
+        rows: dict[int, list[int]] = {}
+        for i, slot in enumerate(slots):
+            if slot >= 0 and mask >> slot & 1:
+                rows.setdefault(slot, []).append(i)
+        return [(slot, torch.tensor(r, dtype=torch.int64, device=self.device)) for slot, r in rows.items()]

@@ -41,10 +41,16 @@ def test_lora_ops_trace_in_one_graph():
     assert not torch.equal(eager[:, 24:], eager[:, :24] * 0 + (p.y0 * 2 + 1))  # the LoRA did change it
 
 
-def test_decode_step_traces_in_one_graph(tiny_base, tiny_geometry, tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "modules_to_save"])
+def test_decode_step_traces_in_one_graph(tiny_base, tiny_geometry, tmp_path, kind):
     from lorad.testing import write_random_adapter
 
-    write_random_adapter(tmp_path / "a0", tiny_geometry, rank=4, seed=1, b_std=0.2)
+    if kind == "lora":
+        write_random_adapter(tmp_path / "a0", tiny_geometry, rank=4, seed=1, b_std=0.2)
+    else:  # trained lm_head and embed_tokens copies: their rows come from host-side indices, no sync
+        from test_saved_module_serving import _peft_adapter
+
+        _peft_adapter(tiny_base.model, tmp_path / "a0", ["lm_head", "embed_tokens"], seed=5)
     engine = Engine(tiny_base, EngineConfig(max_seq_len=64, max_batch_size=3, max_lora_rank=8, threads=1),
                     adapters_dir=str(tmp_path))
     captured = []

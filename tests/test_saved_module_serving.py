@@ -66,9 +66,10 @@ def test_saved_copies_are_read_with_the_adapter(saved_adapters, tiny_geometry):
             wrapper = inner.lm_head if module == "lm_head" else inner.model.embed_tokens
             assert torch.equal(adapter.saved_modules[module], wrapper.modules_to_save["default"].weight)
         lora_bytes = sum(t.numel() * 4 for pair in adapter.weights.values() for t in pair)
-        assert adapter.nbytes == lora_bytes + len(modules) * tiny_geometry.vocab_size * tiny_geometry.hidden_size * 4
+        copies = 1 if modules else 0  # the tied adapter's two copies are one tensor
+        assert adapter.nbytes == lora_bytes + copies * tiny_geometry.vocab_size * tiny_geometry.hidden_size * 4
     tied = load_adapter(root / "tied", "tied", tiny_geometry, max_rank=8).saved_modules
-    assert torch.equal(tied["lm_head"], tied["embed_tokens"])
+    assert tied["lm_head"] is tied["embed_tokens"]
 
 
 def _mixed_runner(tiny_base, tiny_geometry, root, adapters):
@@ -131,20 +132,31 @@ def test_saved_module_rows_in_a_mixed_batch_match_peft_alone(saved_adapters, tin
         torch.testing.assert_close(got[i], expected[i], rtol=1e-4, atol=1e-4)
 
 
-def test_saved_copies_leave_the_device_with_their_slot(saved_adapters, tiny_base, tiny_geometry):
-    root, _ = saved_adapters
-    runner, pool, slots = _mixed_runner(tiny_base, tiny_geometry, root, ("plain", "tied"))
+@pytest.mark.parametrize("leave", ["evict", "retire-in-use"])
+def test_saved_copies_leave_the_device_with_their_slot(saved_adapters, tiny_base, tiny_geometry, leave):
+    """Unloaded (evict), or replaced on disk while a request still runs on it (retire, then the
+    last release): the copies are freed, and a plain adapter written into the slot next is
+    served exactly, with nothing of the copies left."""
+    root, peft = saved_adapters
+    runner, pool, slots = _mixed_runner(tiny_base, tiny_geometry, root, ("tied",))
+    slot = slots["tied"]
     copy_bytes = tiny_geometry.vocab_size * tiny_geometry.hidden_size * 4
-    assert pool.saved_nbytes == 2 * copy_bytes and pool.nbytes == pool.tables_nbytes + 2 * copy_bytes
-    assert pool.saved_mask == {"embed_tokens": 1 << slots["tied"], "lm_head": 1 << slots["tied"]}
-    base_rows = [-1, slots["plain"], -1, -1]
-    before = _prefill(runner, pool, base_rows)
-    pool.release(slots["tied"])
-    assert pool.evict("tied")
+    assert pool.saved_nbytes == copy_bytes and pool.nbytes == pool.tables_nbytes + copy_bytes  # tied: held once
+    assert pool.saved_mask == {"embed_tokens": 1 << slot, "lm_head": 1 << slot}
+    assert pool.saved["lm_head"][slot] is pool.saved["embed_tokens"][slot]
+    if leave == "evict":
+        pool.release(slot)
+        assert pool.evict("tied")
+    else:
+        pool.retire("tied")  # in use: it keeps its weights for the running request
+        assert pool.saved_nbytes == copy_bytes
+        pool.release(slot)
     assert pool.saved_nbytes == 0 and pool.saved_mask == {"embed_tokens": 0, "lm_head": 0}
-    assert pool.saved["lm_head"] == [None, None]
-    # the rows that never used the copies are bit-identical with and without them resident
-    torch.testing.assert_close(_prefill(runner, pool, base_rows), before, rtol=0, atol=0)
+    assert pool.saved["lm_head"] == [None]
+    assert pool.acquire_load(load_adapter(root / "plain", "plain", tiny_geometry, max_rank=8)) == slot
+    got = _prefill(runner, pool, [slot, -1, slot, -1])
+    for i, model in enumerate([peft["plain"], tiny_base.model, peft["plain"], tiny_base.model]):
+        torch.testing.assert_close(got[i], _logits(model, PROMPTS[i]), rtol=1e-4, atol=1e-4)
 
 
 def test_engine_serves_saved_module_adapters_greedy_tokens_as_peft_does(saved_adapters, tiny_base):
@@ -203,8 +215,8 @@ _HEAD = "base_model.model.lm_head.weight"
 
 
 @pytest.mark.parametrize("source, config, tensors, message", [
-    ("head", {"modules_to_save": ["norm"]}, None, "modules_to_save names 'norm': lorad serve swaps only embed_tokens "
-                                                  "and lm_head"),
+    ("head", {"modules_to_save": ["norm"]}, None, "modules_to_save names 'norm': .* lorad serve swaps only "
+                                                  "embed_tokens and lm_head"),
     ("head", {"modules_to_save": ["lm_head", "embed_tokens"]}, None,
      "modules_to_save lists embed_tokens but the file has no trained copy"),
     ("head", {"modules_to_save": None}, None, "trained copy of lm_head, but adapter_config.json does not list it"),
@@ -213,6 +225,11 @@ _HEAD = "base_model.model.lm_head.weight"
      r"has shape \[49160, 64\]; the base needs \[49152, 64\].*added tokens"),
     ("head", None, lambda w: w[_HEAD].__setitem__((0, 0), float("inf")), "NaN or Inf"),
     ("plain", None, lambda w: w.__setitem__("base_model.model.model.norm.weight", torch.ones(64)), "does not map"),
+    ("head", {"modules_to_save": ["proj"]}, None, "names 'proj': PEFT replaces every module whose name ends with it"),
+    ("tied", None, lambda w: w[_HEAD].__setitem__((0, 0), 1.0), "ensure_weight_tying=true but its trained embed_tokens "
+                                                               "and lm_head differ"),
+    ("head", None, lambda w: w.__setitem__(_HEAD, torch.full(w[_HEAD].shape, 1e300, dtype=torch.float64)),
+     "beyond float32's range"),
 ])
 def test_unservable_saved_modules_are_refused_naming_the_problem(saved_adapters, tiny_geometry, tmp_path, source,
                                                                   config, tensors, message):
@@ -220,6 +237,16 @@ def test_unservable_saved_modules_are_refused_naming_the_problem(saved_adapters,
     _mutate(root / source, tmp_path / "x", config, tensors)
     with pytest.raises(InvalidAdapterError, match=message):
         load_adapter(tmp_path / "x", "x", tiny_geometry, max_rank=8)
+
+
+@pytest.mark.parametrize("entry, module", [("head", "lm_head"), ("m_head", "lm_head"), ("tokens", "embed_tokens"),
+                                           ("model.embed_tokens", "embed_tokens")])
+def test_entries_name_modules_by_peft_suffix_rule(saved_adapters, tiny_geometry, tmp_path, entry, module):
+    """PEFT replaces every module whose name ends with the entry (peft.utils.other._set_trainable)."""
+    root, _ = saved_adapters
+    source = "head" if module == "lm_head" else "embed"
+    _mutate(root / source, tmp_path / "x", {"modules_to_save": [entry]})
+    assert load_adapter(tmp_path / "x", "x", tiny_geometry, max_rank=8).spec.saved_modules == (module,)
 
 
 def test_a_trained_modules_to_save_adapter_is_served_as_peft_loads_it(tmp_path):
