@@ -11,10 +11,10 @@ adapter in; nothing is allocated after start-up, except a module's `dora` table 
 and `bias` table (all zeros), each made when the first adapter that needs it is written to
 that module, so a server that never sees DoRA or lora_bias holds neither. An adapter with
 modules_to_save also brings whole weights ([vocab, hidden] each: `saved[name][slot]`), held
-on the device while it has its slot and dropped when it leaves; they are not preallocated,
-because one output head is about as large as all the LoRA slots of a small base together. The DoRA row scale
-needs the base weight, which the pool does not hold: the model runner computes it
-(`row_scale`, set by LlamaRunner).
+on the device while it has its slot and dropped when it leaves; they are not preallocated:
+most adapters have none, and each is large (28 M parameters on SmolLM2, 525 M on
+Llama-3.1-8B). The DoRA row scale needs the base weight, which the pool does not hold: the
+model runner computes it (`row_scale`, set by LlamaRunner).
 
 The slot table is a small state machine: an adapter is in at most one slot; a slot in use by
 running requests (refcount > 0) is never evicted; free slots are reused least recently used
