@@ -7,8 +7,6 @@ PEFT makes and for one `lorad train` makes; copies of other modules are refused 
 from __future__ import annotations
 
 import copy
-import json
-import threading
 import warnings
 
 import pytest
@@ -16,6 +14,7 @@ import torch
 
 from lorad.adapter_format import load_adapter
 from lorad.errors import InvalidAdapterError
+from variant_helpers import edit_adapter, engine_greedy_tokens, greedy, prefill_last_logits, runner_with_adapters
 
 PROMPTS = [[5, 17, 99, 3, 42], [7, 8, 250, 11, 64, 2], [33, 1, 90, 12], [61, 4, 4, 300, 18]]
 
@@ -73,37 +72,11 @@ def test_saved_copies_are_read_with_the_adapter(saved_adapters, tiny_geometry):
 
 
 def _mixed_runner(tiny_base, tiny_geometry, root, adapters):
-    from lorad.server.kv_cache import KVCache
-    from lorad.server.lora_slots import LoRASlotPool
-    from lorad.server.model_runner import LlamaRunner
-
-    kv = KVCache(tiny_geometry, len(PROMPTS), 16, torch.float32, torch.device("cpu"))
-    pool = LoRASlotPool(tiny_geometry, num_slots=len(adapters), max_rank=8, dtype=torch.float32,
-                        device=torch.device("cpu"))
-    runner = LlamaRunner(tiny_base.model, tiny_geometry, kv, pool, "torch")
-    slots = {a: pool.acquire_load(load_adapter(root / a, a, tiny_geometry, max_rank=8)) for a in adapters}
-    return runner, pool, slots
+    return runner_with_adapters(tiny_base.model, tiny_geometry, root, adapters, rows=len(PROMPTS))
 
 
 def _prefill(runner, pool, token_slots_per_row):
-    """One step prefilling every prompt at once; row i's tokens use slot token_slots_per_row[i]
-    (-1: base). Returns the last token's logits per row [rows, V]."""
-    from lorad.kernels import build_lora_meta
-    from lorad.server.model_runner import SeqChunk, StepBatch
-
-    chunks, offset = [], 0
-    for row, ids in enumerate(PROMPTS):
-        chunks.append(SeqChunk(row=row, start=0, length=len(ids), offset=offset))
-        offset += len(ids)
-    slots = torch.cat([torch.full((len(ids),), s, dtype=torch.int64) for ids, s in zip(PROMPTS, token_slots_per_row)])
-    batch = StepBatch(
-        input_ids=torch.tensor([t for ids in PROMPTS for t in ids]),
-        positions=torch.cat([torch.arange(len(i)) for i in PROMPTS]),
-        rows=torch.cat([torch.full((len(ids),), r, dtype=torch.int64) for r, ids in enumerate(PROMPTS)]), chunks=chunks,
-        lora_meta=build_lora_meta(slots, pool.num_slots),
-        active_slots_mask=sum(1 << s for s in set(token_slots_per_row) if s >= 0), lora_rank=4,
-        logits_index=torch.tensor([c.offset + c.length - 1 for c in chunks]), n_rows=len(PROMPTS))
-    return runner.forward(batch)
+    return prefill_last_logits(runner, pool, PROMPTS, token_slots_per_row)
 
 
 def _without_copies(peft):
@@ -160,55 +133,13 @@ def test_saved_copies_leave_the_device_with_their_slot(saved_adapters, tiny_base
 
 
 def test_engine_serves_saved_module_adapters_greedy_tokens_as_peft_does(saved_adapters, tiny_base):
-    from serving_helpers import make_engine
-
-    from lorad.server.sampling import SamplingParams
-
     root, peft = saved_adapters
     rows = ["head", "embed", None, "plain"]
-    new_tokens = 8
-    engine = make_engine(tiny_base, str(root))
-    try:
-        for a in ("head", "embed", "plain"):  # resident first, so every row joins the same batches
-            engine.generate(PROMPTS[0], SamplingParams(max_new_tokens=1), adapter_id=a)
-        results, done = [], threading.Semaphore(0)
-        for ids, a in zip(PROMPTS, rows):
-            box = []
-            results.append(box)
-            engine.submit(ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
-                          lambda e, box=box: (box.append(e), done.release()) if e.kind != "chunk" else None, adapter_id=a)
-        for _ in rows:
-            assert done.acquire(timeout=120)
-    finally:
-        engine.stop()
-    assert all(box[0].kind == "final" for box in results), [box[0].error for box in results]
-
-    def greedy(model, ids):
-        ids = list(ids)
-        for _ in range(new_tokens):
-            ids.append(int(_logits(model, ids).argmax()))
-        return ids[-new_tokens:]
-
-    expected = [greedy(peft[a] if a else tiny_base.model, ids) for ids, a in zip(PROMPTS, rows)]
+    got = engine_greedy_tokens(tiny_base, root, PROMPTS, rows, new_tokens=8)
+    expected = [greedy(peft[a] if a else tiny_base.model, ids, 8) for ids, a in zip(PROMPTS, rows)]
     for i in (0, 1):  # the trained head and embeddings change what is generated
-        assert expected[i] != greedy(_without_copies(peft[rows[i]]), PROMPTS[i])
-    assert [box[0].token_ids for box in results] == expected
-
-
-def _mutate(src, dst, config=None, tensors=None):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    if config:
-        raw = json.loads((dst / "adapter_config.json").read_text())
-        raw.update(config)
-        (dst / "adapter_config.json").write_text(json.dumps(raw))
-    if tensors:
-        weights = load_file(dst / "adapter_model.safetensors")
-        tensors(weights)
-        save_file(weights, dst / "adapter_model.safetensors")
+        assert expected[i] != greedy(_without_copies(peft[rows[i]]), PROMPTS[i], 8)
+    assert got == expected
 
 
 _HEAD = "base_model.model.lm_head.weight"
@@ -234,7 +165,7 @@ _HEAD = "base_model.model.lm_head.weight"
 def test_unservable_saved_modules_are_refused_naming_the_problem(saved_adapters, tiny_geometry, tmp_path, source,
                                                                   config, tensors, message):
     root, _ = saved_adapters
-    _mutate(root / source, tmp_path / "x", config, tensors)
+    edit_adapter(root / source, tmp_path / "x", config, tensors)
     with pytest.raises(InvalidAdapterError, match=message):
         load_adapter(tmp_path / "x", "x", tiny_geometry, max_rank=8)
 
@@ -245,7 +176,7 @@ def test_entries_name_modules_by_peft_suffix_rule(saved_adapters, tiny_geometry,
     """PEFT replaces every module whose name ends with the entry (peft.utils.other._set_trainable)."""
     root, _ = saved_adapters
     source = "head" if module == "lm_head" else "embed"
-    _mutate(root / source, tmp_path / "x", {"modules_to_save": [entry]})
+    edit_adapter(root / source, tmp_path / "x", {"modules_to_save": [entry]})
     assert load_adapter(tmp_path / "x", "x", tiny_geometry, max_rank=8).spec.saved_modules == (module,)
 
 
@@ -259,19 +190,15 @@ def test_a_trained_modules_to_save_adapter_is_served_as_peft_loads_it(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from lorad.geometry import ModelGeometry
-    from lorad.server.kv_cache import KVCache
-    from lorad.server.lora_slots import LoRASlotPool
-    from lorad.server.model_runner import LlamaRunner
 
     recipe = run(tmp_path, "out", adapter="lora", lora_modules_to_save=["lm_head"], learning_rate=0.05)
     base = AutoModelForCausalLM.from_pretrained(tiny_base_dir(), dtype=torch.float32).eval()
     geometry = ModelGeometry.from_hf_config(base.config)
-    adapter = load_adapter(recipe.output_dir, "trained", geometry, max_rank=16)
-    assert adapter.spec.saved_modules == ("lm_head",)
-    kv = KVCache(geometry, len(PROMPTS), 16, torch.float32, torch.device("cpu"))
-    pool = LoRASlotPool(geometry, num_slots=2, max_rank=16, dtype=torch.float32, device=torch.device("cpu"))
-    runner = LlamaRunner(base, geometry, kv, pool, "torch")
-    slot = pool.acquire_load(adapter)
+    out = recipe.output_dir
+    runner, pool, slots = runner_with_adapters(base, geometry, out.parent, (out.name,), rows=len(PROMPTS), num_slots=2,
+                                               max_rank=16)
+    slot = slots[out.name]
+    assert pool.saved_mask["lm_head"] == 1 << slot and pool.saved_mask["embed_tokens"] == 0
     got = _prefill(runner, pool, [slot, -1, slot, -1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

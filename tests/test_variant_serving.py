@@ -8,8 +8,6 @@ tests/test_dora_serving.py; modules_to_save in tests/test_saved_module_serving.p
 from __future__ import annotations
 
 import copy
-import json
-import threading
 import warnings
 
 import pytest
@@ -17,6 +15,7 @@ import torch
 
 from lorad.adapter_format import load_adapter
 from lorad.errors import InvalidAdapterError
+from variant_helpers import edit_adapter, engine_greedy_tokens, greedy, prefill_last_logits, runner_with_adapters
 
 
 def _peft_adapter(model, path, targets=("q_proj", "down_proj"), seed=0, **extra):
@@ -102,22 +101,6 @@ def test_lora_bias_adapter_is_read_with_its_biases(bias_adapters, tiny_geometry)
         b.numel() * 4 for b in expected.values())
 
 
-def _mutate_bias_adapter(src, dst, config=None, tensors=None):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    if config:
-        raw = json.loads((dst / "adapter_config.json").read_text())
-        raw.update(config)
-        (dst / "adapter_config.json").write_text(json.dumps(raw))
-    if tensors:
-        weights = load_file(dst / "adapter_model.safetensors")
-        tensors(weights)
-        save_file(weights, dst / "adapter_model.safetensors")
-
-
 _BIAS_NAME = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.bias"
 
 
@@ -136,7 +119,7 @@ _BIAS_NAME = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.bias"
 def test_broken_lora_bias_adapters_are_refused_naming_the_problem(bias_adapters, tiny_geometry, tmp_path, case, config,
                                                                    tensors, message):
     root, _ = bias_adapters
-    _mutate_bias_adapter(root / "lbias", tmp_path / case, config, tensors)
+    edit_adapter(root / "lbias", tmp_path / case, config, tensors)
     with pytest.raises(InvalidAdapterError, match=message):
         load_adapter(tmp_path / case, case, tiny_geometry, max_rank=8)
 
@@ -166,36 +149,12 @@ def test_bias_table_is_made_on_first_use_and_zeroed_on_eviction(bias_adapters, t
 
 
 def _mixed_runner(tiny_base, tiny_geometry, root):
-    from lorad.server.kv_cache import KVCache
-    from lorad.server.lora_slots import LoRASlotPool
-    from lorad.server.model_runner import LlamaRunner
-
-    kv = KVCache(tiny_geometry, len(PROMPTS), 16, torch.float32, torch.device("cpu"))
     # two slots: lbias lands in the last one, which a base token's -1 would index if it were used as a slot
-    pool = LoRASlotPool(tiny_geometry, num_slots=2, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))
-    runner = LlamaRunner(tiny_base.model, tiny_geometry, kv, pool, "torch")
-    slots = {a: pool.acquire_load(load_adapter(root / a, a, tiny_geometry, max_rank=8)) for a in ("plain", "lbias")}
-    return runner, pool, slots
+    return runner_with_adapters(tiny_base.model, tiny_geometry, root, ("plain", "lbias"), rows=len(PROMPTS))
 
 
 def _prefill(runner, pool, token_slots_per_row):
-    """One step prefilling every prompt at once; row i's tokens use slot token_slots_per_row[i]
-    (-1: base). Returns the last token's logits per row [rows, V]."""
-    from lorad.kernels import build_lora_meta
-    from lorad.server.model_runner import SeqChunk, StepBatch
-
-    chunks, offset = [], 0
-    for row, ids in enumerate(PROMPTS):
-        chunks.append(SeqChunk(row=row, start=0, length=len(ids), offset=offset))
-        offset += len(ids)
-    slots = torch.cat([torch.full((len(ids),), s, dtype=torch.int64) for ids, s in zip(PROMPTS, token_slots_per_row)])
-    batch = StepBatch(
-        input_ids=torch.tensor([t for ids in PROMPTS for t in ids]), positions=torch.cat([torch.arange(len(i)) for i in PROMPTS]),
-        rows=torch.cat([torch.full((len(ids),), r, dtype=torch.int64) for r, ids in enumerate(PROMPTS)]), chunks=chunks,
-        lora_meta=build_lora_meta(slots, pool.num_slots),
-        active_slots_mask=sum(1 << s for s in set(token_slots_per_row) if s >= 0), lora_rank=4,
-        logits_index=torch.tensor([c.offset + c.length - 1 for c in chunks]), n_rows=len(PROMPTS))
-    return runner.forward(batch)
+    return prefill_last_logits(runner, pool, PROMPTS, token_slots_per_row)
 
 
 def test_lora_bias_rows_in_a_mixed_batch_match_peft_alone_and_leave_the_others_alone(bias_adapters, tiny_base,
@@ -228,37 +187,9 @@ def test_lora_bias_rows_in_a_mixed_batch_match_peft_alone_and_leave_the_others_a
 
 
 def test_engine_serves_lora_bias_greedy_tokens_as_peft_does(bias_adapters, tiny_base):
-    from serving_helpers import make_engine
-
-    from lorad.server.sampling import SamplingParams
-
     root, peft = bias_adapters
     rows = [None, "lbias", "plain", "lbias"]
-    new_tokens = 8
-    engine = make_engine(tiny_base, str(root))
-    try:
-        for a in ("plain", "lbias"):  # resident first, so every row joins the same batches
-            engine.generate(PROMPTS[0], SamplingParams(max_new_tokens=1), adapter_id=a)
-        results = []
-        done = threading.Semaphore(0)
-        for ids, a in zip(PROMPTS, rows):
-            box = []
-            results.append(box)
-            engine.submit(ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
-                          lambda e, box=box: (box.append(e), done.release()) if e.kind != "chunk" else None, adapter_id=a)
-        for _ in rows:
-            assert done.acquire(timeout=120)
-    finally:
-        engine.stop()
-    assert all(box[0].kind == "final" for box in results), [box[0].error for box in results]
-
-    def greedy(model, ids):
-        ids = list(ids)
-        with torch.no_grad():
-            for _ in range(new_tokens):
-                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-        return ids[-new_tokens:]
-
-    expected = [greedy(peft[a] if a else tiny_base.model, ids) for ids, a in zip(PROMPTS, rows)]
-    assert expected[1] != greedy(tiny_base.model, PROMPTS[1])  # the lora_bias adapter changes what is generated
-    assert [box[0].token_ids for box in results] == expected
+    got = engine_greedy_tokens(tiny_base, root, PROMPTS, rows, new_tokens=8)
+    expected = [greedy(peft[a] if a else tiny_base.model, ids, 8) for ids, a in zip(PROMPTS, rows)]
+    assert expected[1] != greedy(tiny_base.model, PROMPTS[1], 8)  # the lora_bias adapter changes what is generated
+    assert got == expected
