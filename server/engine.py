@@ -56,7 +56,7 @@ from lorad.server.model_thread import ModelThread
 from lorad.server.observer import EngineObserver
 from lorad.server.residency import AdapterResidency
 from lorad.server.requests import Event, Probe, Request
-from lorad.server.sampling import SamplingParams, make_generator, sample_tokens
+from lorad.server.sampling import SamplingParams, finite_rows, make_generator, sample_tokens
 
 log = logging.getLogger(__name__)
 
@@ -566,13 +566,13 @@ class Engine:
         """Sample one token per request and hand it on. Each request succeeds or fails alone:
         a row of non-finite logits, a row that cannot be sampled, or an error while emitting
         ends that request with an error and leaves every other row of the step untouched."""
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        finite = finite_rows(logits)
         params = [r.params for r in sampled]
         gens = [r.generator for r in sampled]
         seen = [
             torch.tensor(list(r.seen), dtype=torch.int64) if r.seen is not None else None for r in sampled
         ]
-        tokens = sample_tokens(logits, params, gens, seen)  # None for a row that cannot be sampled
+        tokens = sample_tokens(logits, params, gens, seen, finite)  # None for a row that cannot be sampled
         logprobs = self._chosen_logprobs(sampled, logits, tokens)
         now = time.monotonic()
         for request, token, ok, logprob in zip(sampled, tokens, finite, logprobs):

@@ -479,3 +479,21 @@ def test_top_p_keeps_the_smallest_set_reaching_p_and_top_k_the_k_best():
     assert draws(top_p=0.01) == {0}
     assert draws(top_k=3) == {0, 1, 2}
     assert draws() == {0, 1, 2, 3}
+
+
+def test_finite_rows_flags_exactly_the_rows_holding_nan_or_inf():
+    """The engine's per-row check, against torch.isfinite, including finite values whose plain
+    sum would overflow (which a sum-based check would wrongly flag)."""
+    from lorad.server.sampling import finite_rows
+
+    big = torch.finfo(torch.float32).max
+    logits = torch.zeros(7, 1000)
+    logits[1, 3] = float("nan")
+    logits[2, 999] = float("inf")
+    logits[3, 0] = float("-inf")
+    logits[4] = big  # every value finite, their sum is not
+    logits[5] = -big
+    logits[6, 10] = -0.0
+    expected = [True, False, False, False, True, True, True]
+    assert torch.isfinite(logits).all(dim=-1).tolist() == expected
+    assert finite_rows(logits) == expected
