@@ -74,7 +74,7 @@ def engine_greedy_tokens(base, adapters_dir, prompts, adapters, new_tokens: int)
 def _greedy_side_by_side(engine, prompts, adapters, new_tokens: int) -> list[list[int]]:
     from lorad.server.sampling import SamplingParams
 
-    for a in {a for a in adapters if a is not None}:
+    for a in dict.fromkeys(a for a in adapters if a is not None):  # in order: the same slots every run
         engine.generate(prompts[0], SamplingParams(max_new_tokens=1), adapter_id=a)
     results, done = [], threading.Semaphore(0)
     for ids, a in zip(prompts, adapters):
