@@ -118,7 +118,8 @@ def _print_listing(listing, as_json: bool) -> None:
                        f"{a.base_match:7} INVALID: {a.error}")
         else:
             click.echo(f"{a.id:28} {a.rank:>4} {a.location:6} {'yes' if a.pinned else '':3} {a.requests_running:>3} "
-                       f"{a.size_bytes:>10} {a.digest[7:19] or '-':15} {a.base_match:7} {','.join(a.target_modules)}")
+                       f"{a.size_bytes:>10} {a.digest[7:19] or '-':15} {a.base_match:7} "
+                       f"{','.join([*a.target_modules, *(f'{m} (saved)' for m in a.saved_modules)])}")
 
 
 def _print_info(a, as_json: bool) -> None:
@@ -127,6 +128,7 @@ def _print_info(a, as_json: bool) -> None:
         return
     rows = [("id", a.id), ("version", a.digest or "-"), ("location", a.location), ("pinned", a.pinned),
             ("rank", a.rank), ("lora_alpha", a.lora_alpha), ("targets", ",".join(a.target_modules)),
+            ("replaces (modules_to_save)", ", ".join(a.saved_modules) or "-"),
             ("size", f"{a.size_bytes} bytes"), ("requests running", a.requests_running),
             ("last used", _when(a.last_used_unix_seconds)),
             ("trained for", f"{a.trained_for_base or '-'} (matches the served base: {a.base_match})"),

@@ -94,13 +94,14 @@ class AdapterInfo:
     base_match: str = "unknown"  # yes | no | unknown
     same_content_as: list[str] = field(default_factory=list)
     old_versions_resident: int = 0
+    saved_modules: list[str] = field(default_factory=list)  # modules_to_save it replaces (lm_head, embed_tokens)
 
     @classmethod
     def from_proto(cls, a: lorad_pb2.AdapterInfo) -> "AdapterInfo":
         return cls(a.id, a.rank, list(a.target_modules), a.size_bytes, LOCATION_NAMES.get(a.location, "unknown"),
                    a.lora_alpha, a.error, a.digest, a.pinned, a.requests_running, a.last_used_unix_seconds,
                    a.trained_for_base, BASE_MATCH_NAMES.get(a.base_match, "unknown"), list(a.same_content_as),
-                   a.old_versions_resident)
+                   a.old_versions_resident, list(a.saved_modules))
 
 
 @dataclass

@@ -59,6 +59,7 @@ class AdapterStatus:
     rank: int = 0
     lora_alpha: float = 0.0
     target_modules: tuple[str, ...] = ()
+    saved_modules: tuple[str, ...] = ()  # modules_to_save it replaces (lm_head, embed_tokens)
     size_bytes: int = 0
     error: str = ""
     digest: str = ""  # of the resident version ("" when only on disk)
@@ -245,6 +246,7 @@ class AdapterManager:
             return status
         status.rank, status.lora_alpha = spec.rank, spec.lora_alpha
         status.target_modules, status.size_bytes = spec.target_modules, spec.size_bytes
+        status.saved_modules = spec.saved_modules
         return status
 
     # --- model thread: requests -----------------------------------------------------------------

@@ -242,7 +242,8 @@ class AdapterPublisher:
         self._check_id(adapter_id)
         self.check_writable()
         if not replace and self.exists(adapter_id):
-            raise AdapterExistsError(f"adapter {adapter_id!r} already exists; upload with replace to replace it")
+            raise AdapterExistsError(f"adapter {adapter_id!r} already exists; upload with replace (--replace on the CLI) "
+                                     "to replace it")
         with self._lock:
             if self._active >= self.limits.max_concurrent:
                 raise LimitExceededError(
@@ -267,8 +268,8 @@ class AdapterPublisher:
         with self._renaming():
             if target.exists():
                 if not upload.replace:
-                    raise AdapterExistsError(
-                        f"adapter {upload.adapter_id!r} already exists; upload with replace to replace it")
+                    raise AdapterExistsError(f"adapter {upload.adapter_id!r} already exists; upload with replace "
+                                             "(--replace on the CLI) to replace it")
                 published.replaced = True
                 if exchange(upload.staging, target):  # the old version is now under the staging name
                     published.previous_trash = self._to_trash(upload.staging, upload.adapter_id, "replace")

@@ -91,6 +91,7 @@ class AdapterManagerService(lorad_pb2_grpc.AdapterManagerServicer):
             size_bytes=status.size_bytes, location=LOCATIONS[status.location], lora_alpha=status.lora_alpha,
             error=status.error, digest=status.digest, pinned=status.pinned, requests_running=status.requests_running,
             last_used_unix_seconds=status.last_used, old_versions_resident=status.old_versions,
+            saved_modules=list(status.saved_modules),
         )
         root = self._publisher().root
         path = root / status.adapter_id

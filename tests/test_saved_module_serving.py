@@ -207,3 +207,37 @@ def test_a_trained_modules_to_save_adapter_is_served_as_peft_loads_it(tmp_path):
     assert (head.modules_to_save["default"].weight - head.original_module.weight).abs().max() > 1e-3  # it trained
     for i, model in enumerate([peft, base, peft, base]):
         torch.testing.assert_close(got[i], _logits(model, PROMPTS[i]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_real_server_lists_and_serves_saved_module_adapters(saved_adapters, tiny_base):
+    """Over gRPC on 127.0.0.1:0: the listing names what each adapter replaces, and a request
+    on the adapter with a trained head generates PEFT's greedy tokens."""
+    from click.testing import CliRunner
+    from serving_helpers import server_config
+
+    from lorad.cli import main
+    from lorad.clients import Client
+    from lorad.testing import ServerThread
+
+    root, peft = saved_adapters
+    server = ServerThread(server_config(root), tiny_base)
+    server.wait_started()
+    try:
+        with Client(f"127.0.0.1:{server.port}", timeout=60) as client:
+            listing = {a.id: a for a in client.list_adapters().adapters}
+            assert {a: listing[a].saved_modules for a in ("head", "embed", "tied", "plain")} == {
+                "head": ["lm_head"], "embed": ["embed_tokens"], "tied": ["embed_tokens", "lm_head"], "plain": []}
+            assert all(not listing[a].error for a in listing)
+            got = client.generate("The capital of France is", adapter_id="head", max_new_tokens=6)
+        target = f"127.0.0.1:{server.port}"
+        shown = CliRunner().invoke(main, ["adapters", "show", "tied", "--target", target])
+        listed = CliRunner().invoke(main, ["adapters", "list", "--target", target])
+    finally:
+        server.stop()
+    ids = tiny_base.tokenizer("The capital of France is")["input_ids"]
+    assert got.prompt_tokens == len(ids) and got.finish_reason == "length"
+    assert got.token_ids == greedy(peft["head"], ids, 6) != greedy(_without_copies(peft["head"]), ids, 6)
+    assert shown.exit_code == 0 and "replaces (modules_to_save)" in shown.output
+    assert "embed_tokens, lm_head" in shown.output.split("replaces (modules_to_save)")[1].splitlines()[0]
+    head_line = next(line for line in listed.output.splitlines() if line.startswith("head "))
+    assert head_line.endswith("q_proj,down_proj,lm_head (saved)"), head_line

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lorad/v1/lorad.proto\x12\x08lorad.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x81\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.lorad.v1.ChatMessage\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x42\x07\n\x05_seed\"\xc5\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.lorad.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x16\n\x0etoken_logprobs\x18\x06 \x03(\x02\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\t\"u\n\x16GenerateStreamResponse\x12%\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x14.lorad.v1.TokenChunkH\x00\x12+\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1a.lorad.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"E\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x16\n\x0etoken_logprobs\x18\x03 \x03(\x02\"\x15\n\x13ListAdaptersRequest\"\xf8\x02\n\x0b\x41\x64\x61pterInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12+\n\x08location\x18\x05 \x01(\x0e\x32\x19.lorad.v1.AdapterLocation\x12\x12\n\nlora_alpha\x18\x06 \x01(\x02\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0e\n\x06\x64igest\x18\x08 \x01(\t\x12\x0e\n\x06pinned\x18\t \x01(\x08\x12\x18\n\x10requests_running\x18\n \x01(\r\x12\x1e\n\x16last_used_unix_seconds\x18\x0b \x01(\x01\x12\x18\n\x10trained_for_base\x18\x0c \x01(\t\x12\'\n\nbase_match\x18\r \x01(\x0e\x32\x13.lorad.v1.BaseMatch\x12\x17\n\x0fsame_content_as\x18\x0e \x03(\t\x12\x1d\n\x15old_versions_resident\x18\x0f \x01(\r\"\x91\x01\n\x14ListAdaptersResponse\x12\'\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x15.lorad.v1.AdapterInfo\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x11\n\tmax_loras\x18\x03 \x01(\r\x12\x15\n\rmax_lora_rank\x18\x04 \x01(\r\x12\x12\n\nmax_pinned\x18\x05 \x01(\r\"=\n\x0fWeightedAdapter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x06weight\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_weight\"\xd3\x01\n\x16\x43ombineAdaptersRequest\x12)\n\x06inputs\x18\x01 \x03(\x0b\x32\x19.lorad.v1.WeightedAdapter\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x14\n\x07\x64\x65nsity\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x14majority_sign_method\x18\x05 \x01(\t\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x11\n\toutput_id\x18\x07 \x01(\t\x12\x0f\n\x07replace\x18\x08 \x01(\x08\x42\n\n\x08_density\"\xce\x01\n\x17\x43ombineAdaptersResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.lorad.v1.AdapterInfo\x12\x10\n\x08replaced\x18\x02 \x01(\x08\x12\x17\n\x0fprevious_digest\x18\x03 \x01(\t\x12\x15\n\roverall_error\x18\x04 \x01(\x01\x12\x18\n\x10max_module_error\x18\x05 \x01(\x01\x12\x0c\n\x04rank\x18\x06 \x01(\r\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12\x10\n\x08warnings\x18\x08 \x03(\t\"y\n\x13MergeAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x13\n\x0boutput_name\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0f\n\x07outtype\x18\x05 \x01(\t\x12\x11\n\toverwrite\x18\x06 \x01(\x08\"\x97\x01\n\x14MergeAdapterResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x10\n\x08verified\x18\x04 \x01(\x08\x12\x14\n\x0cverification\x18\x05 \x03(\t\x12\x19\n\x11max_logprob_error\x18\x06 \x01(\x01\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\"-\n\x12LoadAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"u\n\x13LoadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.lorad.v1.AdapterInfo\x12\x19\n\x11host_load_seconds\x18\x02 \x01(\x01\x12\x1b\n\x13\x64\x65vice_load_seconds\x18\x03 \x01(\x01\"\"\n\x14UnloadAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x98\x01\n\x15UnloadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.lorad.v1.AdapterInfo\x12\x18\n\x10requests_drained\x18\x02 \x01(\r\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12\x18\n\x10\x66reed_host_bytes\x18\x04 \x01(\x04\x12\x12\n\nfreed_slot\x18\x05 \x01(\x08\"!\n\x13UnpinAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x14\x44\x65leteAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"^\n\x15\x44\x65leteAdapterResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x18\n\x10requests_drained\x18\x03 \x01(\r\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"D\n\x0cUploadHeader\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07replace\x18\x02 \x01(\x08\x12\x17\n\x0f\x65xpected_digest\x18\x03 \x01(\t\"\'\n\tFileChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"n\n\x14UploadAdapterRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.lorad.v1.UploadHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.lorad.v1.FileChunkH\x00\x42\x06\n\x04part\"\x82\x01\n\x15UploadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.lorad.v1.AdapterInfo\x12\x10\n\x08replaced\x18\x02 \x01(\x08\x12\x17\n\x0fprevious_digest\x18\x03 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\"\x1f\n\x11GetAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*\x86\x01\n\x0f\x41\x64\x61pterLocation\x12 \n\x1c\x41\x44\x41PTER_LOCATION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_LOCATION_DISK\x10\x01\x12\x19\n\x15\x41\x44\x41PTER_LOCATION_HOST\x10\x02\x12\x1b\n\x17\x41\x44\x41PTER_LOCATION_DEVICE\x10\x03*J\n\tBaseMatch\x12\x16\n\x12\x42\x41SE_MATCH_UNKNOWN\x10\x00\x12\x12\n\x0e\x42\x41SE_MATCH_YES\x10\x01\x12\x11\n\rBASE_MATCH_NO\x10\x02\x32\xee\x01\n\tGenerator\x12\x41\n\x08Generate\x12\x19.lorad.v1.GenerateRequest\x1a\x1a.lorad.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x19.lorad.v1.GenerateRequest\x1a .lorad.v1.GenerateStreamResponse0\x01\x12M\n\x0cListAdapters\x12\x1d.lorad.v1.ListAdaptersRequest\x1a\x1e.lorad.v1.ListAdaptersResponse2\xd2\x05\n\x0e\x41\x64\x61pterManager\x12J\n\x0bLoadAdapter\x12\x1c.lorad.v1.LoadAdapterRequest\x1a\x1d.lorad.v1.LoadAdapterResponse\x12P\n\rUnloadAdapter\x12\x1e.lorad.v1.UnloadAdapterRequest\x1a\x1f.lorad.v1.UnloadAdapterResponse\x12\x44\n\x0cUnpinAdapter\x12\x1d.lorad.v1.UnpinAdapterRequest\x1a\x15.lorad.v1.AdapterInfo\x12P\n\rDeleteAdapter\x12\x1e.lorad.v1.DeleteAdapterRequest\x1a\x1f.lorad.v1.DeleteAdapterResponse\x12R\n\rUploadAdapter\x12\x1e.lorad.v1.UploadAdapterRequest\x1a\x1f.lorad.v1.UploadAdapterResponse(\x01\x12M\n\x0cListAdapters\x12\x1d.lorad.v1.ListAdaptersRequest\x1a\x1e.lorad.v1.ListAdaptersResponse\x12@\n\nGetAdapter\x12\x1b.lorad.v1.GetAdapterRequest\x1a\x15.lorad.v1.AdapterInfo\x12V\n\x0f\x43ombineAdapters\x12 .lorad.v1.CombineAdaptersRequest\x1a!.lorad.v1.CombineAdaptersResponse\x12M\n\x0cMergeAdapter\x12\x1d.lorad.v1.MergeAdapterRequest\x1a\x1e.lorad.v1.MergeAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lorad/v1/lorad.proto\x12\x08lorad.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x81\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.lorad.v1.ChatMessage\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x42\x07\n\x05_seed\"\xc5\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.lorad.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x16\n\x0etoken_logprobs\x18\x06 \x03(\x02\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\t\"u\n\x16GenerateStreamResponse\x12%\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x14.lorad.v1.TokenChunkH\x00\x12+\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1a.lorad.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"E\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x16\n\x0etoken_logprobs\x18\x03 \x03(\x02\"\x15\n\x13ListAdaptersRequest\"\x8f\x03\n\x0b\x41\x64\x61pterInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12+\n\x08location\x18\x05 \x01(\x0e\x32\x19.lorad.v1.AdapterLocation\x12\x12\n\nlora_alpha\x18\x06 \x01(\x02\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0e\n\x06\x64igest\x18\x08 \x01(\t\x12\x0e\n\x06pinned\x18\t \x01(\x08\x12\x18\n\x10requests_running\x18\n \x01(\r\x12\x1e\n\x16last_used_unix_seconds\x18\x0b \x01(\x01\x12\x18\n\x10trained_for_base\x18\x0c \x01(\t\x12\'\n\nbase_match\x18\r \x01(\x0e\x32\x13.lorad.v1.BaseMatch\x12\x17\n\x0fsame_content_as\x18\x0e \x03(\t\x12\x1d\n\x15old_versions_resident\x18\x0f \x01(\r\x12\x15\n\rsaved_modules\x18\x10 \x03(\t\"\x91\x01\n\x14ListAdaptersResponse\x12\'\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x15.lorad.v1.AdapterInfo\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x11\n\tmax_loras\x18\x03 \x01(\r\x12\x15\n\rmax_lora_rank\x18\x04 \x01(\r\x12\x12\n\nmax_pinned\x18\x05 \x01(\r\"=\n\x0fWeightedAdapter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x06weight\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_weight\"\xd3\x01\n\x16\x43ombineAdaptersRequest\x12)\n\x06inputs\x18\x01 \x03(\x0b\x32\x19.lorad.v1.WeightedAdapter\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x14\n\x07\x64\x65nsity\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x14majority_sign_method\x18\x05 \x01(\t\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x11\n\toutput_id\x18\x07 \x01(\t\x12\x0f\n\x07replace\x18\x08 \x01(\x08\x42\n\n\x08_density\"\xce\x01\n\x17\x43ombineAdaptersResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.lorad.v1.AdapterInfo\x12\x10\n\x08replaced\x18\x02 \x01(\x08\x12\x17\n\x0fprevious_digest\x18\x03 \x01(\t\x12\x15\n\roverall_error\x18\x04 \x01(\x01\x12\x18\n\x10max_module_error\x18\x05 \x01(\x01\x12\x0c\n\x04rank\x18\x06 \x01(\r\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12\x10\n\x08warnings\x18\x08 \x03(\t\"y\n\x13MergeAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x13\n\x0boutput_name\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0f\n\x07outtype\x18\x05 \x01(\t\x12\x11\n\toverwrite\x18\x06 \x01(\x08\"\x97\x01\n\x14MergeAdapterResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x10\n\x08verified\x18\x04 \x01(\x08\x12\x14\n\x0cverification\x18\x05 \x03(\t\x12\x19\n\x11max_logprob_error\x18\x06 \x01(\x01\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\"-\n\x12LoadAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"u\n\x13LoadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.lorad.v1.AdapterInfo\x12\x19\n\x11host_load_seconds\x18\x02 \x01(\x01\x12\x1b\n\x13\x64\x65vice_load_seconds\x18\x03 \x01(\x01\"\"\n\x14UnloadAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x98\x01\n\x15UnloadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.lorad.v1.AdapterInfo\x12\x18\n\x10requests_drained\x18\x02 \x01(\r\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12\x18\n\x10\x66reed_host_bytes\x18\x04 \x01(\x04\x12\x12\n\nfreed_slot\x18\x05 \x01(\x08\"!\n\x13UnpinAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x14\x44\x65leteAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"^\n\x15\x44\x65leteAdapterResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x18\n\x10requests_drained\x18\x03 \x01(\r\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"D\n\x0cUploadHeader\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07replace\x18\x02 \x01(\x08\x12\x17\n\x0f\x65xpected_digest\x18\x03 \x01(\t\"\'\n\tFileChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"n\n\x14UploadAdapterRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.lorad.v1.UploadHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.lorad.v1.FileChunkH\x00\x42\x06\n\x04part\"\x82\x01\n\x15UploadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.lorad.v1.AdapterInfo\x12\x10\n\x08replaced\x18\x02 \x01(\x08\x12\x17\n\x0fprevious_digest\x18\x03 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\"\x1f\n\x11GetAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*\x86\x01\n\x0f\x41\x64\x61pterLocation\x12 \n\x1c\x41\x44\x41PTER_LOCATION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_LOCATION_DISK\x10\x01\x12\x19\n\x15\x41\x44\x41PTER_LOCATION_HOST\x10\x02\x12\x1b\n\x17\x41\x44\x41PTER_LOCATION_DEVICE\x10\x03*J\n\tBaseMatch\x12\x16\n\x12\x42\x41SE_MATCH_UNKNOWN\x10\x00\x12\x12\n\x0e\x42\x41SE_MATCH_YES\x10\x01\x12\x11\n\rBASE_MATCH_NO\x10\x02\x32\xee\x01\n\tGenerator\x12\x41\n\x08Generate\x12\x19.lorad.v1.GenerateRequest\x1a\x1a.lorad.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x19.lorad.v1.GenerateRequest\x1a .lorad.v1.GenerateStreamResponse0\x01\x12M\n\x0cListAdapters\x12\x1d.lorad.v1.ListAdaptersRequest\x1a\x1e.lorad.v1.ListAdaptersResponse2\xd2\x05\n\x0e\x41\x64\x61pterManager\x12J\n\x0bLoadAdapter\x12\x1c.lorad.v1.LoadAdapterRequest\x1a\x1d.lorad.v1.LoadAdapterResponse\x12P\n\rUnloadAdapter\x12\x1e.lorad.v1.UnloadAdapterRequest\x1a\x1f.lorad.v1.UnloadAdapterResponse\x12\x44\n\x0cUnpinAdapter\x12\x1d.lorad.v1.UnpinAdapterRequest\x1a\x15.lorad.v1.AdapterInfo\x12P\n\rDeleteAdapter\x12\x1e.lorad.v1.DeleteAdapterRequest\x1a\x1f.lorad.v1.DeleteAdapterResponse\x12R\n\rUploadAdapter\x12\x1e.lorad.v1.UploadAdapterRequest\x1a\x1f.lorad.v1.UploadAdapterResponse(\x01\x12M\n\x0cListAdapters\x12\x1d.lorad.v1.ListAdaptersRequest\x1a\x1e.lorad.v1.ListAdaptersResponse\x12@\n\nGetAdapter\x12\x1b.lorad.v1.GetAdapterRequest\x1a\x15.lorad.v1.AdapterInfo\x12V\n\x0f\x43ombineAdapters\x12 .lorad.v1.CombineAdaptersRequest\x1a!.lorad.v1.CombineAdaptersResponse\x12M\n\x0cMergeAdapter\x12\x1d.lorad.v1.MergeAdapterRequest\x1a\x1e.lorad.v1.MergeAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lorad.v1.lorad_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2957
-  _globals['_FINISHREASON']._serialized_end=3104
-  _globals['_ADAPTERLOCATION']._serialized_start=3107
-  _globals['_ADAPTERLOCATION']._serialized_end=3241
-  _globals['_BASEMATCH']._serialized_start=3243
-  _globals['_BASEMATCH']._serialized_end=3317
+  _globals['_FINISHREASON']._serialized_start=2980
+  _globals['_FINISHREASON']._serialized_end=3127
+  _globals['_ADAPTERLOCATION']._serialized_start=3130
+  _globals['_ADAPTERLOCATION']._serialized_end=3264
+  _globals['_BASEMATCH']._serialized_start=3266
+  _globals['_BASEMATCH']._serialized_end=3340
   _globals['_CHATMESSAGE']._serialized_start=34
   _globals['_CHATMESSAGE']._serialized_end=78
   _globals['_GENERATEREQUEST']._serialized_start=81
@@ -50,45 +50,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTADAPTERSREQUEST']._serialized_start=730
   _globals['_LISTADAPTERSREQUEST']._serialized_end=751
   _globals['_ADAPTERINFO']._serialized_start=754
-  _globals['_ADAPTERINFO']._serialized_end=1130
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1133
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1278
-  _globals['_WEIGHTEDADAPTER']._serialized_start=1280
-  _globals['_WEIGHTEDADAPTER']._serialized_end=1341
-  _globals['_COMBINEADAPTERSREQUEST']._serialized_start=1344
-  _globals['_COMBINEADAPTERSREQUEST']._serialized_end=1555
-  _globals['_COMBINEADAPTERSRESPONSE']._serialized_start=1558
-  _globals['_COMBINEADAPTERSRESPONSE']._serialized_end=1764
-  _globals['_MERGEADAPTERREQUEST']._serialized_start=1766
-  _globals['_MERGEADAPTERREQUEST']._serialized_end=1887
-  _globals['_MERGEADAPTERRESPONSE']._serialized_start=1890
-  _globals['_MERGEADAPTERRESPONSE']._serialized_end=2041
-  _globals['_LOADADAPTERREQUEST']._serialized_start=2043
-  _globals['_LOADADAPTERREQUEST']._serialized_end=2088
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=2090
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=2207
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2209
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2243
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2246
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2398
-  _globals['_UNPINADAPTERREQUEST']._serialized_start=2400
-  _globals['_UNPINADAPTERREQUEST']._serialized_end=2433
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=2435
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=2469
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=2471
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=2565
-  _globals['_UPLOADHEADER']._serialized_start=2567
-  _globals['_UPLOADHEADER']._serialized_end=2635
-  _globals['_FILECHUNK']._serialized_start=2637
-  _globals['_FILECHUNK']._serialized_end=2676
-  _globals['_UPLOADADAPTERREQUEST']._serialized_start=2678
-  _globals['_UPLOADADAPTERREQUEST']._serialized_end=2788
-  _globals['_UPLOADADAPTERRESPONSE']._serialized_start=2791
-  _globals['_UPLOADADAPTERRESPONSE']._serialized_end=2921
-  _globals['_GETADAPTERREQUEST']._serialized_start=2923
-  _globals['_GETADAPTERREQUEST']._serialized_end=2954
-  _globals['_GENERATOR']._serialized_start=3320
-  _globals['_GENERATOR']._serialized_end=3558
-  _globals['_ADAPTERMANAGER']._serialized_start=3561
-  _globals['_ADAPTERMANAGER']._serialized_end=4283
+  _globals['_ADAPTERINFO']._serialized_end=1153
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1156
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1301
+  _globals['_WEIGHTEDADAPTER']._serialized_start=1303
+  _globals['_WEIGHTEDADAPTER']._serialized_end=1364
+  _globals['_COMBINEADAPTERSREQUEST']._serialized_start=1367
+  _globals['_COMBINEADAPTERSREQUEST']._serialized_end=1578
+  _globals['_COMBINEADAPTERSRESPONSE']._serialized_start=1581
+  _globals['_COMBINEADAPTERSRESPONSE']._serialized_end=1787
+  _globals['_MERGEADAPTERREQUEST']._serialized_start=1789
+  _globals['_MERGEADAPTERREQUEST']._serialized_end=1910
+  _globals['_MERGEADAPTERRESPONSE']._serialized_start=1913
+  _globals['_MERGEADAPTERRESPONSE']._serialized_end=2064
+  _globals['_LOADADAPTERREQUEST']._serialized_start=2066
+  _globals['_LOADADAPTERREQUEST']._serialized_end=2111
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=2113
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=2230
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2232
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2266
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2269
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2421
+  _globals['_UNPINADAPTERREQUEST']._serialized_start=2423
+  _globals['_UNPINADAPTERREQUEST']._serialized_end=2456
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=2458
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=2492
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=2494
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=2588
+  _globals['_UPLOADHEADER']._serialized_start=2590
+  _globals['_UPLOADHEADER']._serialized_end=2658
+  _globals['_FILECHUNK']._serialized_start=2660
+  _globals['_FILECHUNK']._serialized_end=2699
+  _globals['_UPLOADADAPTERREQUEST']._serialized_start=2701
+  _globals['_UPLOADADAPTERREQUEST']._serialized_end=2811
+  _globals['_UPLOADADAPTERRESPONSE']._serialized_start=2814
+  _globals['_UPLOADADAPTERRESPONSE']._serialized_end=2944
+  _globals['_GETADAPTERREQUEST']._serialized_start=2946
+  _globals['_GETADAPTERREQUEST']._serialized_end=2977
+  _globals['_GENERATOR']._serialized_start=3343
+  _globals['_GENERATOR']._serialized_end=3581
+  _globals['_ADAPTERMANAGER']._serialized_start=3584
+  _globals['_ADAPTERMANAGER']._serialized_end=4306
 # @@protoc_insertion_point(module_scope)

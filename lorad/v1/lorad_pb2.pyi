@@ -115,7 +115,7 @@ class ListAdaptersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("id", "rank", "target_modules", "size_bytes", "location", "lora_alpha", "error", "digest", "pinned", "requests_running", "last_used_unix_seconds", "trained_for_base", "base_match", "same_content_as", "old_versions_resident")
+    __slots__ = ("id", "rank", "target_modules", "size_bytes", "location", "lora_alpha", "error", "digest", "pinned", "requests_running", "last_used_unix_seconds", "trained_for_base", "base_match", "same_content_as", "old_versions_resident", "saved_modules")
     ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class AdapterInfo(_message.Message):
     BASE_MATCH_FIELD_NUMBER: _ClassVar[int]
     SAME_CONTENT_AS_FIELD_NUMBER: _ClassVar[int]
     OLD_VERSIONS_RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    SAVED_MODULES_FIELD_NUMBER: _ClassVar[int]
     id: str
     rank: int
     target_modules: _containers.RepeatedScalarFieldContainer[str]
@@ -146,7 +147,8 @@ class AdapterInfo(_message.Message):
     base_match: BaseMatch
     same_content_as: _containers.RepeatedScalarFieldContainer[str]
     old_versions_resident: int
-    def __init__(self, id: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., location: _Optional[_Union[AdapterLocation, str]] = ..., lora_alpha: _Optional[float] = ..., error: _Optional[str] = ..., digest: _Optional[str] = ..., pinned: _Optional[bool] = ..., requests_running: _Optional[int] = ..., last_used_unix_seconds: _Optional[float] = ..., trained_for_base: _Optional[str] = ..., base_match: _Optional[_Union[BaseMatch, str]] = ..., same_content_as: _Optional[_Iterable[str]] = ..., old_versions_resident: _Optional[int] = ...) -> None: ...
+    saved_modules: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., location: _Optional[_Union[AdapterLocation, str]] = ..., lora_alpha: _Optional[float] = ..., error: _Optional[str] = ..., digest: _Optional[str] = ..., pinned: _Optional[bool] = ..., requests_running: _Optional[int] = ..., last_used_unix_seconds: _Optional[float] = ..., trained_for_base: _Optional[str] = ..., base_match: _Optional[_Union[BaseMatch, str]] = ..., same_content_as: _Optional[_Iterable[str]] = ..., old_versions_resident: _Optional[int] = ..., saved_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListAdaptersResponse(_message.Message):
     __slots__ = ("adapters", "base_model", "max_loras", "max_lora_rank", "max_pinned")
