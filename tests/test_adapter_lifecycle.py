@@ -216,6 +216,8 @@ def test_a_deleted_id_serves_again_once_new_files_are_there_or_the_delete_did_no
             started.set()
             if event.kind != "chunk":
                 ended.set()
+            else:  # paced (this runs on the model thread): 100 tokens take over 1 s on any machine
+                time.sleep(0.01)
 
         server.engine.submit(list(range(5, 15)), SamplingParams(max_new_tokens=100, ignore_eos=True), sink,
                              adapter_id="b")
@@ -249,6 +251,8 @@ def test_a_command_past_its_deadline_is_deadline_exceeded_with_a_sentence(server
         started.set()
         if event.kind != "chunk":
             ended.set()
+        else:  # paced (this runs on the model thread): 100 tokens take over 1 s on any machine
+            time.sleep(0.01)
 
     server.engine.submit(list(range(5, 15)), SamplingParams(max_new_tokens=100, ignore_eos=True), sink, adapter_id="b")
     assert started.wait(30)
