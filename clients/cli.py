@@ -95,6 +95,15 @@ def _client(ctx: click.Context, target, token, tls_ca, timeout: float = 60) -> C
                   token=token or outer.get("token"), tls_ca=tls_ca or outer.get("tls_ca"))
 
 
+def _call(ctx: click.Context, target, token, tls_ca, call, timeout: float = 60):
+    """call(client) on a client for these options; an RPC error is printed as a sentence, exit 1."""
+    with _client(ctx, target, token, tls_ca, timeout=timeout) as client:
+        try:
+            return call(client)
+        except LoradRPCError as err:
+            _fail(err)
+
+
 def _when(seconds: float) -> str:
     if not seconds:
         return "-"
@@ -169,11 +178,7 @@ def adapters(ctx, target, token, tls_ca, as_json):
 @click.pass_context
 def list_cmd(ctx, target, token, tls_ca, as_json):
     """Every adapter: rank, where it is, pinned, requests running, version, base match."""
-    with _client(ctx, target, token, tls_ca) as client:
-        try:
-            listing = client.list_adapters()
-        except LoradRPCError as err:
-            _fail(err)
+    listing = _call(ctx, target, token, tls_ca, lambda client: client.list_adapters())
     _print_listing(listing, as_json)
 
 
@@ -184,11 +189,7 @@ def list_cmd(ctx, target, token, tls_ca, as_json):
 @click.pass_context
 def show_cmd(ctx, adapter_id, target, token, tls_ca, as_json):
     """Everything the server knows about one adapter."""
-    with _client(ctx, target, token, tls_ca) as client:
-        try:
-            info = client.get_adapter(adapter_id)
-        except LoradRPCError as err:
-            _fail(err)
+    info = _call(ctx, target, token, tls_ca, lambda client: client.get_adapter(adapter_id))
     _print_info(info, as_json)
 
 
@@ -199,11 +200,7 @@ def show_cmd(ctx, adapter_id, target, token, tls_ca, as_json):
 @click.pass_context
 def load_cmd(ctx, adapter_id, target, token, tls_ca, pin):
     """Load an adapter into host memory and a device slot now."""
-    with _client(ctx, target, token, tls_ca, timeout=300) as client:
-        try:
-            r = client.load_adapter(adapter_id, pin=pin)
-        except LoradRPCError as err:
-            _fail(err)
+    r = _call(ctx, target, token, tls_ca, lambda client: client.load_adapter(adapter_id, pin=pin), timeout=300)
     click.echo(f"{adapter_id}: {r.adapter.location}{', pinned' if r.adapter.pinned else ''} "
                f"(disk->host {r.host_load_seconds * 1000:.1f} ms, host->device {r.device_load_seconds * 1000:.1f} ms), "
                f"version {r.adapter.digest}")
@@ -215,11 +212,7 @@ def load_cmd(ctx, adapter_id, target, token, tls_ca, pin):
 @click.pass_context
 def unpin_cmd(ctx, adapter_id, target, token, tls_ca):
     """Let an adapter be evicted again when its slot is needed."""
-    with _client(ctx, target, token, tls_ca) as client:
-        try:
-            info = client.unpin_adapter(adapter_id)
-        except LoradRPCError as err:
-            _fail(err)
+    info = _call(ctx, target, token, tls_ca, lambda client: client.unpin_adapter(adapter_id))
     click.echo(f"{adapter_id}: unpinned ({info.location})")
 
 
@@ -229,11 +222,7 @@ def unpin_cmd(ctx, adapter_id, target, token, tls_ca):
 @click.pass_context
 def unload_cmd(ctx, adapter_id, target, token, tls_ca):
     """Free an adapter's memory once its running requests finish (its files stay)."""
-    with _client(ctx, target, token, tls_ca, timeout=300) as client:
-        try:
-            r = client.unload_adapter(adapter_id)
-        except LoradRPCError as err:
-            _fail(err)
+    r = _call(ctx, target, token, tls_ca, lambda client: client.unload_adapter(adapter_id), timeout=300)
     click.echo(f"{adapter_id}: unloaded in {r.seconds * 1000:.1f} ms after {r.requests_drained} running requests; "
                f"freed {r.freed_host_bytes} host bytes{' and a device slot' if r.freed_slot else ''}")
 
@@ -247,11 +236,7 @@ def delete_cmd(ctx, adapter_id, target, token, tls_ca, yes):
     """Stop serving an adapter and remove its folder from the server."""
     if not yes:
         click.confirm(f"Delete adapter {adapter_id!r} and its files on the server?", abort=True)
-    with _client(ctx, target, token, tls_ca, timeout=300) as client:
-        try:
-            r = client.delete_adapter(adapter_id)
-        except LoradRPCError as err:
-            _fail(err)
+    r = _call(ctx, target, token, tls_ca, lambda client: client.delete_adapter(adapter_id), timeout=300)
     click.echo(f"{adapter_id}: deleted (version {r.digest}, after {r.requests_drained} running requests)")
 
 
@@ -264,13 +249,11 @@ def delete_cmd(ctx, adapter_id, target, token, tls_ca, yes):
 @click.pass_context
 def upload_cmd(ctx, folder, adapter_id, replace, target, token, tls_ca):
     """Upload a PEFT adapter FOLDER (adapter_config.json + adapter_model.safetensors)."""
-    with _client(ctx, target, token, tls_ca, timeout=1800) as client:
-        try:
-            r = client.upload_adapter(folder, adapter_id, replace=replace)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="FOLDER") from None
-        except LoradRPCError as err:
-            _fail(err)
+    try:
+        r = _call(ctx, target, token, tls_ca, lambda client: client.upload_adapter(folder, adapter_id, replace=replace),
+                  timeout=1800)
+    except ValueError as exc:  # not an adapter folder: found before anything is sent
+        raise click.BadParameter(str(exc), param_hint="FOLDER") from None
     what = f"replaced version {r.previous_digest}" if r.replaced else "new"
     click.echo(f"{adapter_id}: uploaded {r.bytes_received} bytes ({what}); serving version {r.adapter.digest}")
 
@@ -314,12 +297,9 @@ def _combine_cmd():
           lorad adapters combine --method ties --density 0.3 --rank 16 --out merged a b c
         """
         pairs = [_weighted_id(s) for s in inputs]
-        with _client(ctx, target, token, tls_ca, timeout=3600) as client:
-            try:
-                r = client.combine_adapters(pairs, output_id, method=method, rank=rank, density=density,
-                                            majority_sign_method=majority_sign, seed=seed, replace=replace)
-            except LoradRPCError as err:
-                _fail(err)
+        r = _call(ctx, target, token, tls_ca, lambda client: client.combine_adapters(
+            pairs, output_id, method=method, rank=rank, density=density, majority_sign_method=majority_sign, seed=seed,
+            replace=replace), timeout=3600)
         for warning in r.warnings:
             click.echo(f"warning: {warning}", err=True)
         what = f"replaced version {r.previous_digest}" if r.replaced else "new"
@@ -352,12 +332,9 @@ def _merge_cmd():
           lorad adapters merge support
           lorad adapters merge support --format gguf --outtype q8_0 --name support-q8.gguf
         """
-        with _client(ctx, target, token, tls_ca, timeout=6 * 3600) as client:
-            try:
-                r = client.merge_adapter(adapter_id, format=fmt, output_name=output_name, dtype=dtype,
-                                         outtype=outtype, overwrite=overwrite)
-            except LoradRPCError as err:
-                _fail(err)
+        r = _call(ctx, target, token, tls_ca, lambda client: client.merge_adapter(
+            adapter_id, format=fmt, output_name=output_name, dtype=dtype, outtype=outtype, overwrite=overwrite),
+            timeout=6 * 3600)
         click.echo(f"{adapter_id}: merged ({r.format}) -> {r.path} on the server, {r.bytes} bytes in {r.seconds:.1f} s")
         for line in r.verification:
             click.echo(f"  check: {line}")
