@@ -242,6 +242,9 @@ def test_cli_generate_and_adapters(server):
     assert streamed.exit_code == 0
     missing = runner.invoke(main, ["generate", "--target", target, "--adapter", "nope", "Hello"])
     assert missing.exit_code == 1 and "NOT_FOUND" in missing.output
+    # its NaN is found when it is read: then it is listed INVALID (not only after another test read it)
+    broken = runner.invoke(main, ["generate", "--target", target, "--adapter", "broken", "Hello"])
+    assert broken.exit_code == 1 and "FAILED_PRECONDITION" in broken.output and "NaN" in broken.output
     listing = runner.invoke(main, ["adapters", "--target", target])
     assert listing.exit_code == 0 and "a0" in listing.output and "INVALID" in listing.output
 
