@@ -5,6 +5,7 @@ Nothing here is used by the server itself.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -68,6 +69,19 @@ def tiny_llama(vocab_size: int, *, seed: int = 0, layers: int = 2, hidden: int =
     model = LlamaForCausalLM(config).eval()
     model.requires_grad_(False)
     return model
+
+
+def pace_steps(engine, seconds: float):
+    """Make every engine step take at least `seconds` longer, so a request stays in flight on any machine (the tiny
+    base makes hundreds of tokens a second on a quiet one). The wrapper runs on the model thread. Returns the undo."""
+    step = engine._step
+
+    def paced() -> None:
+        time.sleep(seconds)
+        step()
+
+    engine._step = paced
+    return lambda: setattr(engine, "_step", step)
 
 
 class ServerThread:
@@ -135,7 +149,6 @@ class ServeProcess:
     def start(self) -> "ServeProcess":
         import re
         import subprocess
-        import time
 
         with open(self.log_path, "w") as out:
             self.proc = subprocess.Popen(

@@ -193,7 +193,7 @@ def test_bad_requests_are_refused_before_queueing(engine):
     with pytest.raises(InvalidRequestError, match="role"):
         engine.encode(messages=[{"role": "wizard", "content": "y"}])
     # and the engine still serves
-    assert engine.generate(engine.encode("hello"), ok).completion_tokens >= 0
+    assert engine.generate(engine.encode("hello"), ok).completion_tokens >= 1
 
 
 def test_cancel_frees_the_batch_slot_at_the_next_step(tiny_base):

@@ -19,7 +19,7 @@ from lorad.base_model import BaseModelConfig
 from lorad.clients import Client, LoradRPCError
 from lorad.server.config import EngineConfig, ServerConfig
 from lorad.server.readiness import Readiness
-from lorad.testing import ServerThread, write_random_adapter
+from lorad.testing import ServerThread, pace_steps, write_random_adapter
 
 
 def _config(adapters_dir, **server):
@@ -42,17 +42,6 @@ def _get(port: int, path: str) -> tuple[int, str]:
             return reply.status, reply.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
-
-
-def _slow_steps(engine, seconds: float) -> None:
-    """Make every engine step take at least `seconds`, so a request stays in flight."""
-    step = engine._step
-
-    def slow():
-        time.sleep(seconds)
-        step()
-
-    engine._step = slow
 
 
 def _wait_for(predicate, timeout=10.0):
@@ -110,7 +99,7 @@ def test_drain_keeps_serving_then_refuses_and_finishes_in_flight(tiny_base, adap
     srv = ServerThread(_config(adapters_dir), tiny_base)
     srv.wait_started()
     port, target = srv.server.metrics_port, f"127.0.0.1:{srv.port}"
-    _slow_steps(srv.engine, 0.02)
+    pace_steps(srv.engine, 0.02)
     in_flight = []
     with Client(target, timeout=60, retries=0) as c:
         long = threading.Thread(target=lambda: in_flight.append(
@@ -186,7 +175,7 @@ def test_residency_by_id_only_with_the_flag(tiny_base, adapters_dir):
             assert idle.startswith('lorad_lora_requests_info{max_lora="2",running_lora_adapters="",'
                                    'waiting_lora_adapters=""}')
             assert abs(float(idle.split()[-1]) - time.time()) < 60  # the value is the snapshot's time
-            _slow_steps(srv.engine, 0.02)
+            pace_steps(srv.engine, 0.02)
             busy = threading.Thread(target=lambda: c.generate("Hello", adapter_id="a1", max_new_tokens=60))
             busy.start()
             assert _wait_for(lambda: 'running_lora_adapters="a1"' in "".join(
