@@ -403,17 +403,21 @@ def test_a_slots_values_never_reach_another_slots_tokens(case, poisoned, poison,
     assert torch.isfinite(outs[0]).all()
 
 
+@pytest.mark.parametrize("into", ["column_slice", "whole"])
 @pytest.mark.parametrize("adapters, tokens_each", [(4, 2), (8, 1), (5, 4), (2, 8), (1, 16)])
-def test_add_lora_decode_layout_both_operand_orders(adapters, tokens_each):
+def test_add_lora_decode_layout_both_operand_orders(adapters, tokens_each, into):
     """add_lora's fast path for equal segments (decode) computes the shrink as x @ A^T or, with
-    a few tokens over many adapters, as A @ x^T: both must match the reference, into a column
-    slice of a wider output as the engine passes it."""
+    a few tokens over many adapters, as A @ x^T, and the expand as one baddbmm_ into a contiguous
+    y or a bmm and an add into a column slice of a wider output (as the engine passes q/k/v and
+    gate/up): every combination must match the reference."""
     slots = [s for s in range(adapters) for _ in range(tokens_each)]
     p = make_problem(slots, adapters, 64, 40, 8, torch.float32, seed=11)
     meta = build_lora_meta(slots, adapters)
     assert meta.pad_identity
     wide = torch.cat([torch.zeros_like(p.y0), p.y0], dim=1)
-    add_lora(wide[:, 40:], p.x, p.lora_a, p.lora_b, p.scale, meta, backend="torch")
+    y = wide[:, 40:] if into == "column_slice" else p.y0.clone()
+    assert y.is_contiguous() == (into == "whole")
+    add_lora(y, p.x, p.lora_a, p.lora_b, p.scale, meta, backend="torch")
     _, y_ref = reference(p)
-    assert (wide[:, 40:].double() - y_ref).abs().max() < 1e-4
+    assert (y.double() - y_ref).abs().max() < 1e-4
     assert torch.equal(wide[:, :40], torch.zeros_like(p.y0))  # the other columns untouched
