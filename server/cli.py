@@ -11,7 +11,7 @@ import click
 from lorad.base_model import BASE_ALIASES, DEVICE_CHOICES, EMBEDDED_ALIAS, QUANT_CHOICES, BaseModelConfig
 from lorad.errors import LoradError
 
-from lorad.server.config import EngineConfig, ServerConfig
+from lorad.server.config import SAVED_COPIES_BY_DEFAULT, EngineConfig, ServerConfig
 
 _E = EngineConfig()
 _S = ServerConfig.__dataclass_fields__
@@ -73,6 +73,11 @@ def _default(name: str):
 @click.option("--dequant-memory", default=f"{_E.dequant_memory / 2**30:g}GiB", show_default=True,
               help="Memory for dequantized fp32 copies of NF4 projections on CPUs without AVX512-BF16, where "
                    "bitsandbytes would dequantize every weight on every call; 0 disables them.")
+@click.option("--saved-modules-memory", default=None,
+              help=f"Device memory for the whole lm_head / embed_tokens weights that modules_to_save adapters bring "
+                   f"while they hold slots (e.g. 2GiB); idle adapters' copies are evicted to make room, and an "
+                   f"adapter needing more than all of it is refused; 0 serves no such adapter [default: room for "
+                   f"{SAVED_COPIES_BY_DEFAULT} [vocab, hidden] copies of this base].")
 @click.option("--lora-backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", show_default=True,
               help="Multi-adapter LoRA ops: Triton kernels on CUDA, the PyTorch path on CPU (auto).")
 @click.option("--max-request-bytes", default=f"{_default('max_request_bytes') // 2**20}MiB", show_default=True,
@@ -108,7 +113,7 @@ def _default(name: str):
 def serve(base, quant, device, adapters_dir, host, port, metrics_port, http_port, http_host, http_max_concurrency,
           max_loras, max_cpu_loras, max_lora_rank,
           max_batch_size, max_seq_len, kv_cache_memory, max_prefill_tokens, max_queue, default_max_new_tokens,
-          threads, dequant_memory, lora_backend, max_request_bytes, max_unsent_chunks, admin_token_file,
+          threads, dequant_memory, saved_modules_memory, lora_backend, max_request_bytes, max_unsent_chunks, admin_token_file,
           api_token_file, tls_cert, tls_key, tls_client_ca, max_upload_bytes, export_dir, grace_seconds,
           drain_seconds, metrics_adapter_ids, log_level):
     """Serve one base model and every adapter in --adapters over gRPC (lorad.v1.Generator), and
@@ -158,6 +163,7 @@ def serve(base, quant, device, adapters_dir, host, port, metrics_port, http_port
                 default_max_new_tokens=default_max_new_tokens,
                 threads=threads,
                 dequant_memory=dequant_memory,
+                saved_modules_memory=saved_modules_memory,
                 lora_backend=lora_backend,
             ),
         )

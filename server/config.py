@@ -30,6 +30,11 @@ def _positive(name: str, value: int) -> None:
         raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
 
 
+# EngineConfig.saved_modules_memory's default, in [vocab, hidden] copies of the base: two adapters
+# that each replace lm_head and embed_tokens, or four that replace one of them, at once
+SAVED_COPIES_BY_DEFAULT = 4
+
+
 @dataclass
 class EngineConfig:
     """How the engine batches, caches and bounds work.
@@ -50,6 +55,12 @@ class EngineConfig:
     dequant_memory: bytes an NF4 base may spend on dequantized fp32 copies of its projections
         where bitsandbytes would dequantize them on every call (CPUs without AVX512-BF16);
         projections past the budget keep bitsandbytes' per-call path. 0 disables the copies.
+    saved_modules_memory: device bytes for the whole weights modules_to_save adapters bring
+        (lm_head / embed_tokens copies, [vocab, hidden] each) while they hold slots; None = room
+        for SAVED_COPIES_BY_DEFAULT such copies of this base. Idle adapters' copies are evicted
+        to make room; while running requests hold the rest, a request waits as for a busy slot;
+        an adapter whose copies alone need more is refused (RESOURCE_EXHAUSTED). 0 serves no
+        modules_to_save adapter.
     """
 
     max_loras: int = 8
@@ -65,10 +76,15 @@ class EngineConfig:
     lora_backend: str = "auto"
     threads: int | None = None
     dequant_memory: int = 4 * 2**30
+    saved_modules_memory: int | None = None
 
     def __post_init__(self) -> None:
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory, "kv_cache_memory")
+        if self.saved_modules_memory is not None:
+            self.saved_modules_memory = parse_bytes(self.saved_modules_memory, "saved_modules_memory")
+            if self.saved_modules_memory < 0:
+                raise ConfigError(f"saved_modules_memory: must not be negative, got {self.saved_modules_memory}")
         self.dequant_memory = parse_bytes(self.dequant_memory, "dequant_memory")
         if self.dequant_memory < 0:
             raise ConfigError(f"dequant_memory: must not be negative, got {self.dequant_memory}")

@@ -47,7 +47,7 @@ from lorad.kernels import build_lora_meta
 
 from lorad.server.adapter_manager import AdapterManager, AdapterStatus
 from lorad.server.adapter_store import AdapterStore
-from lorad.server.config import EngineConfig
+from lorad.server.config import SAVED_COPIES_BY_DEFAULT, EngineConfig
 from lorad.server.detokenizer import IncrementalDetokenizer
 from lorad.server.kv_cache import KVCache, rows_for_budget
 from lorad.server.lora_slots import LoRASlotPool
@@ -92,7 +92,11 @@ class Engine:
                 config.kv_cache_memory, fit, self.max_seq_len, max(rows, 0),
             )
         self.kv = KVCache(self.geometry, rows, self.max_seq_len, dtype, self.device)
-        self.pool = LoRASlotPool(self.geometry, config.max_loras, config.max_lora_rank, dtype, self.device)
+        saved_budget = config.saved_modules_memory
+        if saved_budget is None:
+            saved_budget = SAVED_COPIES_BY_DEFAULT * self.geometry.vocab_size * self.geometry.hidden_size * dtype.itemsize
+        self.pool = LoRASlotPool(self.geometry, config.max_loras, config.max_lora_rank, dtype, self.device,
+                                 saved_budget=saved_budget)
         self.store = AdapterStore(adapters_dir, self.geometry, config.max_lora_rank)
         self.adapters = AdapterManager(self.store, self.pool, config.max_cpu_loras, self.observer,
                                        post=self.post, fail_waiting=self._fail_waiting)
@@ -462,7 +466,10 @@ class Engine:
             try:
                 slot = self._acquire_slot(request)
             except Exception as exc:  # e.g. a slot write failed: fail this request, not the queue
-                log.exception("admitting request %d (adapter %s) failed", request.id, request.adapter_id)
+                if isinstance(exc, LoradError):  # a refusal that says why (the adapter's files, a limit)
+                    log.info("request %d refused: %s", request.id, exc)
+                else:
+                    log.exception("admitting request %d (adapter %s) failed", request.id, request.adapter_id)
                 self.observer.request_failed("adapter")
                 self._emit_error(request, exc if isinstance(exc, LoradError) else LoradError(
                     f"internal error putting adapter {request.adapter_id!r} on the device; see the server log"))

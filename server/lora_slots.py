@@ -13,7 +13,10 @@ that module, so a server that never sees DoRA or lora_bias holds neither. An ada
 modules_to_save also brings whole weights ([vocab, hidden] each: `saved[name][slot]`), held
 on the device while it has its slot and dropped when it leaves; they are not preallocated:
 most adapters have none, and each is large (28 M parameters on SmolLM2, 525 M on
-Llama-3.1-8B). The DoRA row scale needs the base weight, which the pool does not hold: the
+Llama-3.1-8B). Their bytes are bounded by `saved_budget`: putting such an adapter in a slot
+first evicts idle slots' copies (least recently used first); while copies that running
+requests hold leave no room, acquire_load waits (None) as for a busy slot, and an adapter
+whose copies alone exceed the budget is refused. The DoRA row scale needs the base weight, which the pool does not hold: the
 model runner computes it (`row_scale`, set by LlamaRunner).
 
 The slot table is a small state machine: an adapter is in at most one slot; a slot in use by
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorad.adapter_format import SAVED_MODULES, LoadedAdapter
+from lorad.errors import LimitExceededError
 from lorad.geometry import PROJECTIONS, ModelGeometry
 
 from lorad.server.zero_pages import ZeroPages
@@ -59,7 +63,8 @@ class ModuleSlots:
 
 
 class LoRASlotPool:
-    def __init__(self, geometry: ModelGeometry, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, geometry: ModelGeometry, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device,
+                 saved_budget: int | None = None):
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.dtype = dtype
@@ -92,6 +97,8 @@ class LoRASlotPool:
         # saved_mask[name] set when slot s has one
         self.saved: dict[str, list[torch.Tensor | None]] = {name: [None] * num_slots for name in SAVED_MODULES}
         self.saved_mask: dict[str, int] = dict.fromkeys(SAVED_MODULES, 0)
+        # device bytes the saved copies of all slots may take together (None: unbounded)
+        self.saved_budget = saved_budget
 
     # --- accounting -----------------------------------------------------------------------
 
@@ -114,6 +121,15 @@ class LoRASlotPool:
         """Bytes of the modules_to_save weights the slots hold now."""
         held = {id(w): w for slots in self.saved.values() for w in slots if w is not None}  # tied copies once
         return sum(w.numel() * w.element_size() for w in held.values())
+
+    def _slot_saved_nbytes(self, slot: int) -> int:
+        held = {id(w): w for slots in self.saved.values() if (w := slots[slot]) is not None}  # tied copies once
+        return sum(w.numel() * w.element_size() for w in held.values())
+
+    def saved_nbytes_needed(self, adapter: LoadedAdapter) -> int:
+        """Device bytes the adapter's modules_to_save copies take in this pool's dtype."""
+        copies = {id(w): w for w in adapter.saved_modules.values()}  # tied copies are one tensor
+        return sum(w.numel() * self.dtype.itemsize for w in copies.values())
 
     @property
     def slot_nbytes(self) -> int:
@@ -151,6 +167,8 @@ class LoRASlotPool:
         if not self._idle:
             return None
         slot = next(iter(self._idle))
+        if adapter.saved_modules and not self._room_for_saved(adapter, slot):
+            return None
         evicted = self.adapter_in[slot]
         if evicted is not None:
             del self.slot_of[evicted]
@@ -164,6 +182,31 @@ class LoRASlotPool:
         self.adapter_in[slot] = adapter_id
         self._take(slot)
         return slot
+
+    def _room_for_saved(self, adapter: LoadedAdapter, slot: int) -> bool:
+        """Make room within saved_budget for the adapter's copies, which go into `slot` (idle, its
+        own copies about to be dropped), by evicting other idle slots' adapters with copies, least
+        recently used first. False, evicting nothing, while copies held by running requests leave
+        too little room; LimitExceededError when the copies alone exceed the budget."""
+        if self.saved_budget is None:
+            return True
+        need = self.saved_nbytes_needed(adapter)
+        if need > self.saved_budget:
+            names = ", ".join(adapter.saved_modules)
+            raise LimitExceededError(
+                f"adapter {adapter.spec.adapter_id!r} replaces {names}: {need / 2**20:.0f} MiB of whole weights on "
+                f"the device, more than --saved-modules-memory ({self.saved_budget / 2**20:.0f} MiB) holds; "
+                "raise it to serve this adapter")
+        idle = [s for s in self._idle if s != slot and self._slot_saved_nbytes(s)]  # least recently used first
+        held = self.saved_nbytes - self._slot_saved_nbytes(slot)
+        if held - sum(self._slot_saved_nbytes(s) for s in idle) + need > self.saved_budget:
+            return False  # running requests hold the copies that would have to go: wait for them
+        for other in idle:
+            if held + need <= self.saved_budget:
+                break
+            held -= self._slot_saved_nbytes(other)
+            self.evict(self.adapter_in[other])  # idle with copies: holds an adapter (retired slots clear at release)
+        return True
 
     def release(self, slot: int) -> None:
         assert self.refcount[slot] > 0, f"slot {slot} released more often than acquired"

@@ -39,11 +39,20 @@ def test_engine_runs_on_the_threads_it_was_given(tiny_base):
     assert default_threads() == max(1, usable_cores() - 1)
 
 
+def test_saved_modules_budget_defaults_to_four_copies_of_the_base_and_takes_sizes(tiny_base, tiny_geometry):
+    copy_bytes = tiny_geometry.vocab_size * tiny_geometry.hidden_size * 4  # float32 on the CPU
+    assert Engine(tiny_base, EngineConfig(max_seq_len=64, max_batch_size=1)).pool.saved_budget == 4 * copy_bytes
+    assert Engine(tiny_base, EngineConfig(max_seq_len=64, max_batch_size=1,
+                                          saved_modules_memory="2GiB")).pool.saved_budget == 2 * 2**30
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("threads", 0, "threads: must be a positive integer"),
     ("kv_cache_memory", "lots", "kv_cache_memory: 'lots' is not a size"),
     ("dequant_memory", "-1", "dequant_memory: '-1' is not a size"),
     ("dequant_memory", -5, "dequant_memory: must not be negative"),
+    ("saved_modules_memory", "a lot", "saved_modules_memory: 'a lot' is not a size"),
+    ("saved_modules_memory", -1, "saved_modules_memory: must not be negative"),
 ])
 def test_bad_sizes_name_the_field(field, value, message):
     with pytest.raises(ConfigError, match=message):

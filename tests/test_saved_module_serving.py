@@ -132,6 +132,55 @@ def test_saved_copies_leave_the_device_with_their_slot(saved_adapters, tiny_base
         torch.testing.assert_close(got[i], _logits(model, PROMPTS[i]), rtol=1e-4, atol=1e-4)
 
 
+def _pool(geometry, copies: float, num_slots: int = 4):
+    from lorad.server.lora_slots import LoRASlotPool
+
+    budget = int(copies * geometry.vocab_size * geometry.hidden_size * 4)
+    return LoRASlotPool(geometry, num_slots, 8, torch.float32, torch.device("cpu"), saved_budget=budget)
+
+
+def test_saved_copies_stay_within_the_budget_evicting_idle_ones_least_recently_used_first(saved_adapters,
+                                                                                          tiny_geometry):
+    root, _ = saved_adapters
+    load = {a: load_adapter(root / a, a, tiny_geometry, max_rank=8) for a in ("head", "embed", "tied", "plain")}
+    copy_bytes = tiny_geometry.vocab_size * tiny_geometry.hidden_size * 4
+    pool = _pool(tiny_geometry, copies=2)
+    head, embed, plain = (pool.acquire_load(load[a]) for a in ("head", "embed", "plain"))
+    assert pool.saved_nbytes == 2 * copy_bytes
+    for slot in (plain, head, embed):  # released in this order: plain, then head, is the least recently used
+        pool.release(slot)
+    tied = pool.acquire_load(load["tied"])  # one copy more than the budget: head's goes, LRU among the copies
+    assert tied is not None and pool.saved_nbytes == 2 * copy_bytes
+    assert pool.lookup("head") is None and pool.lookup("embed") == embed and pool.lookup("plain") == plain
+    assert pool.saved["lm_head"][head] is None and pool.saved_mask["lm_head"] == 1 << tied
+
+
+def test_a_saved_copy_waits_while_running_requests_hold_the_budget(saved_adapters, tiny_geometry):
+    root, _ = saved_adapters
+    load = {a: load_adapter(root / a, a, tiny_geometry, max_rank=8) for a in ("head", "embed", "tied", "plain")}
+    pool = _pool(tiny_geometry, copies=2)
+    head, embed = pool.acquire_load(load["head"]), pool.acquire_load(load["embed"])  # both in use
+    assert pool.acquire_load(load["tied"]) is None  # a free slot, but no room: wait, evicting nothing
+    assert pool.lookup("head") == head and pool.lookup("embed") == embed
+    assert pool.acquire_load(load["plain"]) is not None  # adapters without copies are not held back
+    pool.release(embed)
+    tied = pool.acquire_load(load["tied"])
+    assert tied is not None and pool.lookup("embed") is None and pool.lookup("head") == head
+
+
+@pytest.mark.parametrize("copies", [0, 0.5])
+def test_an_adapter_whose_copies_exceed_the_whole_budget_is_refused(saved_adapters, tiny_geometry, copies):
+    from lorad.errors import LimitExceededError
+
+    root, _ = saved_adapters
+    pool = _pool(tiny_geometry, copies=copies)
+    with pytest.raises(LimitExceededError, match="replaces lm_head: 12 MiB of whole weights on the device, more "
+                                                 "than --saved-modules-memory"):
+        pool.acquire_load(load_adapter(root / "head", "head", tiny_geometry, max_rank=8))
+    assert pool.slots_used == 0 and pool.saved_nbytes == 0
+    assert pool.acquire_load(load_adapter(root / "plain", "plain", tiny_geometry, max_rank=8)) is not None
+
+
 def test_engine_serves_saved_module_adapters_greedy_tokens_as_peft_does(saved_adapters, tiny_base):
     root, peft = saved_adapters
     rows = ["head", "embed", None, "plain"]
@@ -241,3 +290,25 @@ def test_a_real_server_lists_and_serves_saved_module_adapters(saved_adapters, ti
     assert "embed_tokens, lm_head" in shown.output.split("replaces (modules_to_save)")[1].splitlines()[0]
     head_line = next(line for line in listed.output.splitlines() if line.startswith("head "))
     assert head_line.endswith("q_proj,down_proj,lm_head (saved)"), head_line
+
+
+def test_a_server_refuses_saved_copies_beyond_its_budget_and_serves_on(saved_adapters, tiny_base):
+    """--saved-modules-memory below one copy: a request on a modules_to_save adapter, and a Load
+    of it, get RESOURCE_EXHAUSTED naming the flag; plain adapters and the base serve on."""
+    import grpc
+    from serving_helpers import server_config
+
+    from lorad.clients import Client, LoradRPCError
+    from lorad.testing import ServerThread
+
+    root, _ = saved_adapters
+    with ServerThread(server_config(root, saved_modules_memory="1MiB"), tiny_base) as server:
+        with Client(f"127.0.0.1:{server.port}", timeout=60) as client:
+            for call in (lambda: client.generate("Hi", adapter_id="head", max_new_tokens=2),
+                         lambda: client.load_adapter("tied")):
+                with pytest.raises(LoradRPCError) as info:
+                    call()
+                assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "more than --saved-modules-memory (1 MiB) holds; raise it" in info.value.details
+            assert client.generate("Hi", adapter_id="plain", max_new_tokens=2).completion_tokens in (1, 2)
+            assert client.generate("Hi", max_new_tokens=2).completion_tokens in (1, 2)
