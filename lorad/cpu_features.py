@@ -120,6 +120,24 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def host_memory_bytes() -> int | None:
+    """The memory this process may use: the machine's physical memory, or the cgroup's limit
+    (a container's --memory) when that is lower; None when neither can be read."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = None
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(limit_file).read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(int(text), total) if total else int(text)
+        break
+    return total
+
+
 def default_threads() -> int:
     """torch threads for the model thread: every usable core but one, at least one.
 

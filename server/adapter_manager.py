@@ -155,13 +155,15 @@ def _still_deleted(deleted, adapter_id: str, path) -> bool:
 class AdapterManager:
     def __init__(self, store, pool: LoRASlotPool, host_capacity: int, observer: EngineObserver | None = None,
                  post: Callable[[object], None] | None = None,
-                 fail_waiting: Callable[[str, LoradError], None] | None = None):
+                 fail_waiting: Callable[[str, LoradError], None] | None = None, host_bytes: int | None = None):
         """store: the disk side (path_for, geometry, max_rank, root); pool: the device slots;
+        host_capacity / host_bytes: the most adapters / bytes the host cache holds (None: no byte bound);
         post(message): put a message into the engine's inbox (the loader thread uses it);
         fail_waiting(id, error): fail the queued requests of an adapter (load error, delete)."""
         self.store = store
         self.pool = pool
         self.host_capacity = host_capacity
+        self.host_bytes = host_bytes
         self.max_pins = pool.num_slots - 1
         self.observer = observer or EngineObserver()
         self.post = post or (lambda message: None)
@@ -540,6 +542,16 @@ class AdapterManager:
         self._dirty = True
         return slot
 
+    def _bound_host_cache(self) -> None:
+        """Drop least recently used host copies past host_capacity adapters or host_bytes bytes;
+        the most recent (the one just read) always stays, whatever its size."""
+        held = sum(a.nbytes for a in self._host.values())
+        while len(self._host) > 1 and (len(self._host) > self.host_capacity
+                                       or (self.host_bytes is not None and held > self.host_bytes)):
+            evicted, adapter = self._host.popitem(last=False)
+            held -= adapter.nbytes
+            log.info("host cache: evicted adapter %s (%d MiB)", evicted, adapter.nbytes >> 20)
+
     def _failed_error(self, adapter_id: str) -> InvalidAdapterError | None:
         failed = self._failed.get(adapter_id)
         if failed is None:
@@ -592,9 +604,7 @@ class AdapterManager:
             self._host[adapter_id] = adapter
             self._host.move_to_end(adapter_id)
             self._version_stamp[adapter_id] = adapter.stamp
-            while len(self._host) > self.host_capacity:
-                evicted, _ = self._host.popitem(last=False)
-                log.info("host cache: evicted adapter %s", evicted)
+            self._bound_host_cache()
             self.observer.adapter_loaded("host", adapter.load_seconds)
             log.info("loaded adapter %s (rank %d, %d modules, %s)", adapter_id, adapter.spec.rank,
                      len(adapter.weights), adapter.digest[:19])

@@ -11,7 +11,7 @@ import click
 from lorad.base_model import BASE_ALIASES, DEVICE_CHOICES, EMBEDDED_ALIAS, QUANT_CHOICES, BaseModelConfig
 from lorad.errors import LoradError
 
-from lorad.server.config import SAVED_COPIES_BY_DEFAULT, EngineConfig, ServerConfig
+from lorad.server.config import HOST_CACHE_SHARE, SAVED_COPIES_BY_DEFAULT, EngineConfig, ServerConfig
 
 _E = EngineConfig()
 _S = ServerConfig.__dataclass_fields__
@@ -51,6 +51,10 @@ def _default(name: str):
 @click.option("--max-cpu-loras", type=int, default=None,
               help=f"Adapters kept validated in host memory (LRU); at least --max-loras "
                    f"[default: the larger of {_E.max_cpu_loras} and --max-loras].")
+@click.option("--max-cpu-lora-memory", default=None,
+              help=f"Memory the host cache's adapters may take together (e.g. 8GiB); least recently used ones are "
+                   f"dropped past it, as past --max-cpu-loras [default: {HOST_CACHE_SHARE:.0%} of the memory this "
+                   f"process may use, the cgroup's limit where lower].")
 @click.option("--max-lora-rank", type=int, default=_E.max_lora_rank, show_default=True,
               help="Largest adapter rank accepted; slots are sized for it.")
 @click.option("--max-batch-size", type=int, default=_E.max_batch_size, show_default=True,
@@ -111,7 +115,7 @@ def _default(name: str):
                    "routers. Off by default: adapter ids become label values.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def serve(base, quant, device, adapters_dir, host, port, metrics_port, http_port, http_host, http_max_concurrency,
-          max_loras, max_cpu_loras, max_lora_rank,
+          max_loras, max_cpu_loras, max_cpu_lora_memory, max_lora_rank,
           max_batch_size, max_seq_len, kv_cache_memory, max_prefill_tokens, max_queue, default_max_new_tokens,
           threads, dequant_memory, saved_modules_memory, lora_backend, max_request_bytes, max_unsent_chunks, admin_token_file,
           api_token_file, tls_cert, tls_key, tls_client_ca, max_upload_bytes, export_dir, grace_seconds,
@@ -154,6 +158,7 @@ def serve(base, quant, device, adapters_dir, host, port, metrics_port, http_port
             engine=EngineConfig(
                 max_loras=max_loras,
                 max_cpu_loras=max(_E.max_cpu_loras, max_loras) if max_cpu_loras is None else max_cpu_loras,
+                max_cpu_lora_memory=max_cpu_lora_memory,
                 max_lora_rank=max_lora_rank,
                 max_batch_size=max_batch_size,
                 max_seq_len=max_seq_len,

@@ -30,6 +30,8 @@ def _positive(name: str, value: int) -> None:
         raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
 
 
+# EngineConfig.max_cpu_lora_memory's default: this share of the memory the process may use
+HOST_CACHE_SHARE = 0.25
 # EngineConfig.saved_modules_memory's default, in [vocab, hidden] copies of the base: two adapters
 # that each replace lm_head and embed_tokens, or four that replace one of them, at once
 SAVED_COPIES_BY_DEFAULT = 4
@@ -41,6 +43,9 @@ class EngineConfig:
 
     max_loras: adapter slots preallocated on the device; adapters in slots batch together.
     max_cpu_loras: adapters kept validated in host memory (LRU), ready to copy into a slot.
+    max_cpu_lora_memory: bytes those adapters may take together; None = a quarter of the memory
+        this process may use (lorad.cpu_features.host_memory_bytes). Past either limit the least
+        recently used are dropped; the adapter just read always stays, whatever its size.
     max_lora_rank: the largest adapter rank accepted; every slot is sized for it.
     max_batch_size: requests running at once (each holds one KV-cache row).
     max_seq_len: prompt + generated tokens per request; None = the base's limit, capped at 2048.
@@ -77,10 +82,14 @@ class EngineConfig:
     threads: int | None = None
     dequant_memory: int = 4 * 2**30
     saved_modules_memory: int | None = None
+    max_cpu_lora_memory: int | None = None
 
     def __post_init__(self) -> None:
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory, "kv_cache_memory")
+        if self.max_cpu_lora_memory is not None:
+            self.max_cpu_lora_memory = parse_bytes(self.max_cpu_lora_memory, "max_cpu_lora_memory")
+            _positive("max_cpu_lora_memory", self.max_cpu_lora_memory)
         if self.saved_modules_memory is not None:
             self.saved_modules_memory = parse_bytes(self.saved_modules_memory, "saved_modules_memory")
             if self.saved_modules_memory < 0:

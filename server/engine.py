@@ -33,7 +33,7 @@ import torch
 
 from lorad.adapter_format import shorten
 from lorad.base_model import LoadedBase
-from lorad.cpu_features import default_threads
+from lorad.cpu_features import default_threads, host_memory_bytes
 from lorad.errors import (
     DeadlineExceededError,
     EngineStoppedError,
@@ -47,7 +47,7 @@ from lorad.kernels import build_lora_meta
 
 from lorad.server.adapter_manager import AdapterManager, AdapterStatus
 from lorad.server.adapter_store import AdapterStore
-from lorad.server.config import SAVED_COPIES_BY_DEFAULT, EngineConfig
+from lorad.server.config import HOST_CACHE_SHARE, SAVED_COPIES_BY_DEFAULT, EngineConfig
 from lorad.server.detokenizer import IncrementalDetokenizer
 from lorad.server.kv_cache import KVCache, rows_for_budget
 from lorad.server.lora_slots import LoRASlotPool
@@ -98,8 +98,11 @@ class Engine:
         self.pool = LoRASlotPool(self.geometry, config.max_loras, config.max_lora_rank, dtype, self.device,
                                  saved_budget=saved_budget)
         self.store = AdapterStore(adapters_dir, self.geometry, config.max_lora_rank)
+        host_bytes = config.max_cpu_lora_memory
+        if host_bytes is None and (memory := host_memory_bytes()) is not None:
+            host_bytes = int(HOST_CACHE_SHARE * memory)
         self.adapters = AdapterManager(self.store, self.pool, config.max_cpu_loras, self.observer,
-                                       post=self.post, fail_waiting=self._fail_waiting)
+                                       post=self.post, fail_waiting=self._fail_waiting, host_bytes=host_bytes)
         self.threads = config.threads or default_threads()
         torch.set_num_threads(self.threads)  # again on the loop's thread: OpenMP's setting is per thread
         self.runner = LlamaRunner(base.model, self.geometry, self.kv, self.pool, config.lora_backend,

@@ -34,14 +34,14 @@ SLOTS = 3
 class Harness:
     """A manager with its inbox, as the engine holds it."""
 
-    def __init__(self, root):
+    def __init__(self, root, host_bytes: int | None = None):
         self.root = root
         self.inbox: queue.Queue = queue.Queue()
         self.failed: dict[str, Exception] = {}
         self.store = AdapterStore(root, GEOMETRY, max_rank=8)
         self.pool = LoRASlotPool(GEOMETRY, SLOTS, 8, torch.float32, torch.device("cpu"))
         self.manager = AdapterManager(self.store, self.pool, host_capacity=2, post=self.inbox.put,
-                                      fail_waiting=self.failed.__setitem__)
+                                      fail_waiting=self.failed.__setitem__, host_bytes=host_bytes)
         self.publisher = AdapterPublisher(root)
 
     def pump(self, timeout: float = 10.0) -> None:
@@ -275,5 +275,37 @@ def test_loads_waiting_for_a_slot_do_not_thrash_the_host_cache(tmp_path):
         assert command.done.result(timeout=0).digest == adapter_digest(h.root / command.adapter_id)
     for slot in held[1:]:
         h.manager.release(slot)
+    h.manager.check_invariants([])
+    h.manager.close()
+
+
+def test_the_host_cache_holds_at_most_its_bytes_least_recently_used_out_first(tmp_path):
+    """host_bytes below two adapters: each read drops the least recently used host copy, but the
+    one just read always stays, even when it alone is larger than the budget."""
+    for i, adapter_id in enumerate(("a", "b", "big")):
+        write_random_adapter(tmp_path / "adapters" / adapter_id, GEOMETRY, rank=8 if adapter_id == "big" else 2,
+                             seed=i)
+    probe = Harness(tmp_path / "adapters")
+    sizes = {}
+    for adapter_id in ("a", "b", "big"):
+        slot, _ = probe.acquire(adapter_id)
+        probe.manager.release(slot)
+        sizes[adapter_id] = probe.manager._host[adapter_id].nbytes
+    probe.manager.close()
+    assert sizes["a"] == sizes["b"] < sizes["big"]
+
+    h = Harness(tmp_path / "adapters", host_bytes=sizes["a"] + sizes["b"] - 1)  # not both: one at a time
+    for adapter_id in ("a", "b"):
+        slot, _ = h.acquire(adapter_id)
+        h.manager.release(slot)
+        assert list(h.manager._host) == [adapter_id]
+    h.manager.host_bytes = sizes["a"] + sizes["b"]  # both fit, the big one only alone
+    assert h.pool.evict("a")  # out of its slot too: the next request reads it from disk again
+    slot, _ = h.acquire("a")
+    h.manager.release(slot)
+    assert list(h.manager._host) == ["b", "a"] and h.manager.snapshot.host_bytes == sizes["a"] + sizes["b"]
+    slot, _ = h.acquire("big")  # larger than both together: it stays, alone
+    h.manager.release(slot)
+    assert list(h.manager._host) == ["big"]
     h.manager.check_invariants([])
     h.manager.close()

@@ -46,6 +46,17 @@ def test_saved_modules_budget_defaults_to_four_copies_of_the_base_and_takes_size
                                           saved_modules_memory="2GiB")).pool.saved_budget == 2 * 2**30
 
 
+def test_host_cache_bytes_default_to_a_quarter_of_the_memory_the_process_may_use(tiny_base):
+    from lorad.cpu_features import host_memory_bytes
+
+    memory = host_memory_bytes()
+    assert memory is not None and memory > 2**30  # this machine's, or its cgroup's limit
+    engine = Engine(tiny_base, EngineConfig(max_seq_len=64, max_batch_size=1))
+    assert engine.adapters.host_bytes == memory // 4
+    assert Engine(tiny_base, EngineConfig(max_seq_len=64, max_batch_size=1,
+                                          max_cpu_lora_memory="3GiB")).adapters.host_bytes == 3 * 2**30
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("threads", 0, "threads: must be a positive integer"),
     ("kv_cache_memory", "lots", "kv_cache_memory: 'lots' is not a size"),
@@ -53,6 +64,7 @@ def test_saved_modules_budget_defaults_to_four_copies_of_the_base_and_takes_size
     ("dequant_memory", -5, "dequant_memory: must not be negative"),
     ("saved_modules_memory", "a lot", "saved_modules_memory: 'a lot' is not a size"),
     ("saved_modules_memory", -1, "saved_modules_memory: must not be negative"),
+    ("max_cpu_lora_memory", "0", "max_cpu_lora_memory: must be a positive integer"),
 ])
 def test_bad_sizes_name_the_field(field, value, message):
     with pytest.raises(ConfigError, match=message):
