@@ -117,8 +117,8 @@ def _default(name: str):
 def serve(base, quant, device, adapters_dir, host, port, metrics_port, http_port, http_host, http_max_concurrency,
           max_loras, max_cpu_loras, max_cpu_lora_memory, max_lora_rank,
           max_batch_size, max_seq_len, kv_cache_memory, max_prefill_tokens, max_queue, default_max_new_tokens,
-          threads, dequant_memory, saved_modules_memory, lora_backend, max_request_bytes, max_unsent_chunks, admin_token_file,
-          api_token_file, tls_cert, tls_key, tls_client_ca, max_upload_bytes, export_dir, grace_seconds,
+          threads, dequant_memory, saved_modules_memory, lora_backend, max_request_bytes, max_unsent_chunks,
+          admin_token_file, api_token_file, tls_cert, tls_key, tls_client_ca, max_upload_bytes, export_dir, grace_seconds,
           drain_seconds, metrics_adapter_ids, log_level):
     """Serve one base model and every adapter in --adapters over gRPC (lorad.v1.Generator), and
     with --http-port over an OpenAI-compatible HTTP API where every adapter is a model.

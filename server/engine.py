@@ -93,8 +93,9 @@ class Engine:
             )
         self.kv = KVCache(self.geometry, rows, self.max_seq_len, dtype, self.device)
         saved_budget = config.saved_modules_memory
-        if saved_budget is None:
-            saved_budget = SAVED_COPIES_BY_DEFAULT * self.geometry.vocab_size * self.geometry.hidden_size * dtype.itemsize
+        if saved_budget is None:  # [vocab, hidden] copies in the compute dtype
+            g = self.geometry
+            saved_budget = SAVED_COPIES_BY_DEFAULT * g.vocab_size * g.hidden_size * dtype.itemsize
         self.pool = LoRASlotPool(self.geometry, config.max_loras, config.max_lora_rank, dtype, self.device,
                                  saved_budget=saved_budget)
         self.store = AdapterStore(adapters_dir, self.geometry, config.max_lora_rank)

@@ -16,8 +16,8 @@ most adapters have none, and each is large (28 M parameters on SmolLM2, 525 M on
 Llama-3.1-8B). Their bytes are bounded by `saved_budget`: putting such an adapter in a slot
 first evicts idle slots' copies (least recently used first); while copies that running
 requests hold leave no room, acquire_load waits (None) as for a busy slot, and an adapter
-whose copies alone exceed the budget is refused. The DoRA row scale needs the base weight, which the pool does not hold: the
-model runner computes it (`row_scale`, set by LlamaRunner).
+whose copies alone exceed the budget is refused. The DoRA row scale needs the base weight,
+which the pool does not hold: the model runner computes it (`row_scale`, set by LlamaRunner).
 
 The slot table is a small state machine: an adapter is in at most one slot; a slot in use by
 running requests (refcount > 0) is never evicted; free slots are reused least recently used
@@ -118,9 +118,8 @@ class LoRASlotPool:
 
     @property
     def saved_nbytes(self) -> int:
-        """Bytes of the modules_to_save weights the slots hold now."""
-        held = {id(w): w for slots in self.saved.values() for w in slots if w is not None}  # tied copies once
-        return sum(w.numel() * w.element_size() for w in held.values())
+        """Bytes of the modules_to_save weights the slots hold now (each slot has its own copies)."""
+        return sum(self._slot_saved_nbytes(slot) for slot in range(self.num_slots))
 
     def _slot_saved_nbytes(self, slot: int) -> int:
         held = {id(w): w for slots in self.saved.values() if (w := slots[slot]) is not None}  # tied copies once
