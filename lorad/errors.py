@@ -53,6 +53,11 @@ class LimitExceededError(LoradError):
     """A server limit was reached (too many pins, an upload too large, too many uploads at once)."""
 
 
+class AdapterDoesNotFitError(LoradError):
+    """An adapter this server, as configured, cannot hold (its modules_to_save copies exceed the
+    device budget, or pinned adapters hold the rest of it): retrying will not help."""
+
+
 class IntegrityError(LoradError):
     """Received files do not match the digest the sender announced."""
 

@@ -149,6 +149,12 @@ def _still_deleted(deleted, adapter_id: str, path) -> bool:
     return stamp is not None and files_stamp(path) == stamp
 
 
+def _log_lost_pin(done: Future) -> None:
+    """The pin a re-published version should inherit; nobody waits on it, so its failure is logged."""
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("a re-published pinned adapter could not be pinned again: %s", done.exception())
+
+
 # --- the owner --------------------------------------------------------------------------------------
 
 
@@ -180,6 +186,7 @@ class AdapterManager:
         self._version_stamp: dict[str, tuple] = {}  # id -> files stamp of its resident version
         self._retired: dict[int, str] = {}  # slot -> adapter id, for slots of retired versions still in use
         self._pinned: set[str] = set()
+        self.waits_for_saved = False  # the last acquire's None waits for modules_to_save room, not a slot
         # id -> files stamp of the version deleted: the mark holds while those very files are
         # there; files published again (another replica on a shared folder, a copy by hand) have
         # another stamp (inode, ctime) and serve
@@ -255,7 +262,9 @@ class AdapterManager:
 
     def acquire(self, adapter_id: str, first_try: bool) -> tuple[int, str] | None:
         """(slot, version digest) for a request being admitted, taking a slot reference; None
-        while the adapter is loading or every slot is busy. Raises the adapter's load error."""
+        while the adapter is loading, every slot is busy, or (waits_for_saved) its modules_to_save
+        copies wait for room that running requests hold. Raises the adapter's load error."""
+        self.waits_for_saved = False
         self._check_not_deleted(adapter_id)
         self._retire_if_changed(adapter_id)
         slot = self.pool.acquire_resident(adapter_id)
@@ -270,6 +279,7 @@ class AdapterManager:
                 return None
             slot = self._put_on_device(adapter)
             if slot is None:
+                self.waits_for_saved = self.pool.waits_for_saved
                 return None
         self._last_used[adapter_id] = time.time()
         self._dirty = True
@@ -282,6 +292,14 @@ class AdapterManager:
             del self._retired[slot]
             self._slot_digest.pop(slot, None)
             self._finish_drains()
+
+    def brings_saved_copies(self, adapter_id: str) -> bool:
+        """Whether the adapter, as resident or read, holds modules_to_save copies (unknown: False)."""
+        slot = self.pool.lookup(adapter_id)
+        if slot is not None:
+            return self.pool.slot_saved_nbytes(slot) > 0
+        adapter = self._host.get(adapter_id)
+        return adapter is not None and bool(adapter.saved_modules)
 
     def is_loading(self, adapter_id: str) -> bool:
         return adapter_id in self._loading
@@ -434,7 +452,9 @@ class AdapterManager:
             pinned = adapter_id in self._pinned
             self._retire(adapter_id)
             if pinned:  # the pin moves to the new version once it is read
-                self._pending_loads.append(Load(adapter_id, pin=True))
+                repin = Load(adapter_id, pin=True)
+                repin.done.add_done_callback(_log_lost_pin)
+                self._pending_loads.append(repin)
                 self._start_load(adapter_id)
         self._answer(command, None)
 
@@ -532,7 +552,8 @@ class AdapterManager:
 
     def _put_on_device(self, adapter: LoadedAdapter, take: bool = True) -> int | None:
         started = time.perf_counter()
-        slot = self.pool.acquire_load(adapter)
+        pinned = frozenset(self.pool.slot_of[a] for a in self._pinned if a in self.pool.slot_of)
+        slot = self.pool.acquire_load(adapter, pinned)
         if slot is None:
             return None
         self._slot_digest[slot] = adapter.digest
@@ -652,6 +673,7 @@ class AdapterManager:
             if slot in self._retired:
                 assert pool.refcount[slot] > 0, f"retired slot {slot} is idle but still listed"
         assert len(pool.slot_of) == len(set(pool.slot_of.values()))
+        assert pool.saved_budget is None or pool.saved_nbytes <= pool.saved_budget, "saved copies over budget"
 
 
 

@@ -44,8 +44,9 @@ class EngineConfig:
     max_loras: adapter slots preallocated on the device; adapters in slots batch together.
     max_cpu_loras: adapters kept validated in host memory (LRU), ready to copy into a slot.
     max_cpu_lora_memory: bytes those adapters may take together; None = a quarter of the memory
-        this process may use (lorad.cpu_features.host_memory_bytes). Past either limit the least
-        recently used are dropped; the adapter just read always stays, whatever its size.
+        this process may use (lorad.cpu_features.host_memory_bytes; no byte bound where that
+        cannot be read). Past either limit the least recently used are dropped; the adapter just
+        read always stays, whatever its size.
     max_lora_rank: the largest adapter rank accepted; every slot is sized for it.
     max_batch_size: requests running at once (each holds one KV-cache row).
     max_seq_len: prompt + generated tokens per request; None = the base's limit, capped at 2048.
@@ -64,8 +65,8 @@ class EngineConfig:
         (lm_head / embed_tokens copies, [vocab, hidden] each) while they hold slots; None = room
         for SAVED_COPIES_BY_DEFAULT such copies of this base. Idle adapters' copies are evicted
         to make room; while running requests hold the rest, a request waits as for a busy slot;
-        an adapter whose copies alone need more is refused (RESOURCE_EXHAUSTED). 0 serves no
-        modules_to_save adapter.
+        an adapter whose copies need more than the budget, or than pinned adapters' copies leave
+        of it, is refused (FAILED_PRECONDITION). 0 serves no modules_to_save adapter.
     """
 
     max_loras: int = 8

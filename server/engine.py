@@ -450,7 +450,9 @@ class Engine:
 
         A request whose adapter is still loading lets later requests pass. Once a request is
         blocked because every adapter slot is held by running requests, later adapter
-        requests queue behind it (base-only requests still pass), so it cannot starve.
+        requests queue behind it (base-only requests still pass), so it cannot starve; one
+        blocked only for modules_to_save copy room holds back just the later requests whose
+        adapters bring copies, whose slots then drain and free the room.
         """
         kept = deque()
         try:
@@ -461,10 +463,11 @@ class Engine:
         self.observer.slots(self.pool.slots_used, self.pool.num_slots)
 
     def _admit_into(self, kept: deque, now: float) -> None:
-        slot_blocked = False
+        slot_blocked = saved_blocked = False
         while self._waiting:
             request = self._waiting.popleft()
-            if len(self._running) >= self.kv.rows or (slot_blocked and request.adapter_id):
+            if len(self._running) >= self.kv.rows or (slot_blocked and request.adapter_id) or (
+                    saved_blocked and request.adapter_id and self.adapters.brings_saved_copies(request.adapter_id)):
                 kept.append(request)
                 continue
             try:
@@ -479,7 +482,9 @@ class Engine:
                     f"internal error putting adapter {request.adapter_id!r} on the device; see the server log"))
                 continue
             if slot is None:
-                if not self.adapters.is_loading(request.adapter_id) and self.adapters.host_ready(request.adapter_id):
+                if self.adapters.waits_for_saved:  # copy room: only adapters with copies queue behind it
+                    saved_blocked = True
+                elif not self.adapters.is_loading(request.adapter_id) and self.adapters.host_ready(request.adapter_id):
                     slot_blocked = True
                 kept.append(request)
                 continue

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorad.adapter_format import SAVED_MODULES, LoadedAdapter
-from lorad.errors import LimitExceededError
+from lorad.errors import AdapterDoesNotFitError
 from lorad.geometry import PROJECTIONS, ModelGeometry
 
 from lorad.server.zero_pages import ZeroPages
@@ -99,6 +99,7 @@ class LoRASlotPool:
         self.saved_mask: dict[str, int] = dict.fromkeys(SAVED_MODULES, 0)
         # device bytes the saved copies of all slots may take together (None: unbounded)
         self.saved_budget = saved_budget
+        self.waits_for_saved = False  # the last acquire_load returned None for copy room, not for a slot
 
     # --- accounting -----------------------------------------------------------------------
 
@@ -119,9 +120,10 @@ class LoRASlotPool:
     @property
     def saved_nbytes(self) -> int:
         """Bytes of the modules_to_save weights the slots hold now (each slot has its own copies)."""
-        return sum(self._slot_saved_nbytes(slot) for slot in range(self.num_slots))
+        return sum(self.slot_saved_nbytes(slot) for slot in range(self.num_slots))
 
-    def _slot_saved_nbytes(self, slot: int) -> int:
+    def slot_saved_nbytes(self, slot: int) -> int:
+        """Bytes of the modules_to_save copies `slot` holds (tied copies once)."""
         held = {id(w): w for slots in self.saved.values() if (w := slots[slot]) is not None}  # tied copies once
         return sum(w.numel() * w.element_size() for w in held.values())
 
@@ -141,7 +143,8 @@ class LoRASlotPool:
         return sum(1 for a in self.adapter_in if a is not None)
 
     def has_idle_slot(self) -> bool:
-        """Whether some slot is held by no running request or pin (acquire_load would succeed)."""
+        """Whether some slot is held by no running request or pin (acquire_load would find a slot;
+        an adapter with modules_to_save copies may still wait for room in saved_budget)."""
         return bool(self._idle)
 
     def lookup(self, adapter_id: str) -> int | None:
@@ -156,18 +159,25 @@ class LoRASlotPool:
             self._take(slot)
         return slot
 
-    def acquire_load(self, adapter: LoadedAdapter) -> int | None:
+    def acquire_load(self, adapter: LoadedAdapter, pinned: frozenset[int] = frozenset()) -> int | None:
         """Put an adapter into the least recently used idle slot and take a reference.
 
-        Returns None when every slot is held by running requests.
+        Returns None when every slot is held by running requests, or when its modules_to_save
+        copies need room in saved_budget that running requests' copies hold (`waits_for_saved`
+        tells the two apart). `pinned`: slots whose adapters are pinned, so their copies never
+        leave; AdapterDoesNotFitError when the copies can never fit beside them.
         """
         adapter_id = adapter.spec.adapter_id
         assert adapter_id not in self.slot_of, "acquire_resident first"
+        if adapter.saved_modules and self.saved_budget is not None:
+            self._check_saved_fits(adapter, pinned)
+        self.waits_for_saved = False
         if not self._idle:
             return None
-        slot = next(iter(self._idle))
-        if adapter.saved_modules and not self._room_for_saved(adapter, slot):
+        if adapter.saved_modules and not self._room_for_saved(adapter):
+            self.waits_for_saved = True
             return None
+        slot = next(iter(self._idle))  # after _room_for_saved: a slot it emptied, if any
         evicted = self.adapter_in[slot]
         if evicted is not None:
             del self.slot_of[evicted]
@@ -182,28 +192,35 @@ class LoRASlotPool:
         self._take(slot)
         return slot
 
-    def _room_for_saved(self, adapter: LoadedAdapter, slot: int) -> bool:
-        """Make room within saved_budget for the adapter's copies, which go into `slot` (idle, its
-        own copies about to be dropped), by evicting other idle slots' adapters with copies, least
-        recently used first. False, evicting nothing, while copies held by running requests leave
-        too little room; LimitExceededError when the copies alone exceed the budget."""
+    def _check_saved_fits(self, adapter: LoadedAdapter, pinned: frozenset[int]) -> None:
+        need = self.saved_nbytes_needed(adapter)
+        held = sum(self.slot_saved_nbytes(s) for s in pinned)
+        if need + held <= self.saved_budget:
+            return
+        what = (f"adapter {adapter.spec.adapter_id!r} replaces {', '.join(adapter.saved_modules)}: "
+                f"{need / 2**20:.0f} MiB of whole weights on the device")
+        budget = f"--saved-modules-memory ({self.saved_budget / 2**20:.0f} MiB)"
+        if need > self.saved_budget:
+            raise AdapterDoesNotFitError(f"{what}, more than {budget} holds; raise it to serve this adapter")
+        owners = ", ".join(sorted(repr(self.adapter_in[s]) for s in pinned if self.slot_saved_nbytes(s)))
+        raise AdapterDoesNotFitError(f"{what}, and pinned adapters ({owners}) hold {held / 2**20:.0f} MiB of "
+                                     f"{budget}; unpin one or raise the budget")
+
+    def _room_for_saved(self, adapter: LoadedAdapter) -> bool:
+        """Make room within saved_budget for the adapter's copies by evicting idle slots'
+        adapters with copies, least recently used first. False, evicting nothing, while copies
+        held by running requests leave too little room."""
         if self.saved_budget is None:
             return True
         need = self.saved_nbytes_needed(adapter)
-        if need > self.saved_budget:
-            names = ", ".join(adapter.saved_modules)
-            raise LimitExceededError(
-                f"adapter {adapter.spec.adapter_id!r} replaces {names}: {need / 2**20:.0f} MiB of whole weights on "
-                f"the device, more than --saved-modules-memory ({self.saved_budget / 2**20:.0f} MiB) holds; "
-                "raise it to serve this adapter")
-        idle = [s for s in self._idle if s != slot and self._slot_saved_nbytes(s)]  # least recently used first
-        held = self.saved_nbytes - self._slot_saved_nbytes(slot)
-        if held - sum(self._slot_saved_nbytes(s) for s in idle) + need > self.saved_budget:
+        idle = [s for s in self._idle if self.slot_saved_nbytes(s)]  # least recently used first
+        held = self.saved_nbytes
+        if held - sum(self.slot_saved_nbytes(s) for s in idle) + need > self.saved_budget:
             return False  # running requests hold the copies that would have to go: wait for them
         for other in idle:
             if held + need <= self.saved_budget:
                 break
-            held -= self._slot_saved_nbytes(other)
+            held -= self.slot_saved_nbytes(other)
             self.evict(self.adapter_in[other])  # idle with copies: holds an adapter (retired slots clear at release)
         return True
 

@@ -9,6 +9,7 @@ import grpc
 from lorad.deltas.combine import CombineCancelled
 from lorad.deltas.merge import MergeCancelled, MergeVerificationError
 from lorad.errors import (
+    AdapterDoesNotFitError,
     AdapterExistsError,
     AdapterNotFoundError,
     BaseModelError,
@@ -34,6 +35,7 @@ _CODES: list[tuple[type, grpc.StatusCode]] = [
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ClientTooSlowError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InvalidAdapterError, grpc.StatusCode.FAILED_PRECONDITION),
+    (AdapterDoesNotFitError, grpc.StatusCode.FAILED_PRECONDITION),
     (ReadOnlyAdaptersError, grpc.StatusCode.FAILED_PRECONDITION),
     (EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),

@@ -143,6 +143,9 @@ def test_client_cancel_frees_the_slot(server, client, paced_engine):
     assert first.token_ids
     stream.close()  # the generator's finally cancels the call
     assert _wait_idle(paced_engine)
+    deadline = time.time() + 10  # the count follows the row's release by a moment
+    while cancelled._value.get() == before and time.time() < deadline:
+        time.sleep(0.01)
     assert cancelled._value.get() == before + 1
 
 
@@ -207,8 +210,10 @@ def test_graceful_shutdown_finishes_in_flight_requests(tiny_base, adapters_dir):
     with Client(f"127.0.0.1:{srv.port}", timeout=60) as c:
         t = threading.Thread(target=lambda: result.append(c.generate("Tell me a story", max_new_tokens=60)))
         t.start()
-        time.sleep(0.3)
-        assert srv.engine._running  # still in flight when the stop begins
+        deadline = time.time() + 30
+        while not srv.engine._running and time.time() < deadline:
+            time.sleep(0.01)
+        assert srv.engine._running  # in flight when the stop begins
         srv.stop(grace=30)
         t.join(30)
     assert result and result[0].completion_tokens == 60

@@ -420,4 +420,5 @@ def test_add_lora_decode_layout_both_operand_orders(adapters, tokens_each, into)
     add_lora(y, p.x, p.lora_a, p.lora_b, p.scale, meta, backend="torch")
     _, y_ref = reference(p)
     assert (y.double() - y_ref).abs().max() < 1e-4
-    assert torch.equal(wide[:, :40], torch.zeros_like(p.y0))  # the other columns untouched
+    if into == "column_slice":
+        assert torch.equal(wide[:, :40], torch.zeros_like(p.y0))  # the other columns untouched

@@ -144,15 +144,15 @@ def test_saved_copies_stay_within_the_budget_evicting_idle_ones_least_recently_u
     root, _ = saved_adapters
     load = {a: load_adapter(root / a, a, tiny_geometry, max_rank=8) for a in ("head", "embed", "tied", "plain")}
     copy_bytes = tiny_geometry.vocab_size * tiny_geometry.hidden_size * 4
-    pool = _pool(tiny_geometry, copies=2)
+    pool = _pool(tiny_geometry, copies=2, num_slots=3)
     head, embed, plain = (pool.acquire_load(load[a]) for a in ("head", "embed", "plain"))
     assert pool.saved_nbytes == 2 * copy_bytes
-    for slot in (plain, head, embed):  # released in this order: plain, then head, is the least recently used
+    for slot in (plain, head, embed):  # released in this order: plain is the LRU slot, head the LRU copy
         pool.release(slot)
     tied = pool.acquire_load(load["tied"])  # one copy more than the budget: head's goes, LRU among the copies
-    assert tied is not None and pool.saved_nbytes == 2 * copy_bytes
+    assert tied == head and pool.saved_nbytes == 2 * copy_bytes  # into the slot it emptied, not plain's
     assert pool.lookup("head") is None and pool.lookup("embed") == embed and pool.lookup("plain") == plain
-    assert pool.saved["lm_head"][head] is None and pool.saved_mask["lm_head"] == 1 << tied
+    assert pool.saved_mask == {"embed_tokens": (1 << embed) | (1 << tied), "lm_head": 1 << tied}
 
 
 def test_a_saved_copy_waits_while_running_requests_hold_the_budget(saved_adapters, tiny_geometry):
@@ -170,15 +170,29 @@ def test_a_saved_copy_waits_while_running_requests_hold_the_budget(saved_adapter
 
 @pytest.mark.parametrize("copies", [0, 0.5])
 def test_an_adapter_whose_copies_exceed_the_whole_budget_is_refused(saved_adapters, tiny_geometry, copies):
-    from lorad.errors import LimitExceededError
+    from lorad.errors import AdapterDoesNotFitError
 
     root, _ = saved_adapters
     pool = _pool(tiny_geometry, copies=copies)
-    with pytest.raises(LimitExceededError, match="replaces lm_head: 12 MiB of whole weights on the device, more "
+    with pytest.raises(AdapterDoesNotFitError, match="replaces lm_head: 12 MiB of whole weights on the device, more "
                                                  "than --saved-modules-memory"):
         pool.acquire_load(load_adapter(root / "head", "head", tiny_geometry, max_rank=8))
     assert pool.slots_used == 0 and pool.saved_nbytes == 0
     assert pool.acquire_load(load_adapter(root / "plain", "plain", tiny_geometry, max_rank=8)) is not None
+
+
+def test_copies_of_pinned_adapters_never_leave_so_no_room_beside_them_is_refused(saved_adapters, tiny_geometry):
+    from lorad.errors import AdapterDoesNotFitError
+
+    root, _ = saved_adapters
+    load = {a: load_adapter(root / a, a, tiny_geometry, max_rank=8) for a in ("head", "embed", "tied")}
+    pool = _pool(tiny_geometry, copies=2)
+    head, embed = pool.acquire_load(load["head"]), pool.acquire_load(load["embed"])
+    assert pool.acquire_load(load["tied"]) is None and pool.waits_for_saved  # running requests: wait
+    with pytest.raises(AdapterDoesNotFitError, match=r"pinned adapters \('embed', 'head'\) hold 24 MiB of "
+                                                     r"--saved-modules-memory \(24 MiB\); unpin one"):
+        pool.acquire_load(load["tied"], pinned=frozenset({head, embed}))
+    assert pool.acquire_load(load["tied"], pinned=frozenset({head})) is None  # embed's copy will leave
 
 
 def test_engine_serves_saved_module_adapters_greedy_tokens_as_peft_does(saved_adapters, tiny_base):
@@ -294,7 +308,7 @@ def test_a_real_server_lists_and_serves_saved_module_adapters(saved_adapters, ti
 
 def test_a_server_refuses_saved_copies_beyond_its_budget_and_serves_on(saved_adapters, tiny_base):
     """--saved-modules-memory below one copy: a request on a modules_to_save adapter, and a Load
-    of it, get RESOURCE_EXHAUSTED naming the flag; plain adapters and the base serve on."""
+    of it, get FAILED_PRECONDITION naming the flag; plain adapters and the base serve on."""
     import grpc
     from serving_helpers import server_config
 
@@ -308,7 +322,44 @@ def test_a_server_refuses_saved_copies_beyond_its_budget_and_serves_on(saved_ada
                          lambda: client.load_adapter("tied")):
                 with pytest.raises(LoradRPCError) as info:
                     call()
-                assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION  # retrying cannot help
                 assert "more than --saved-modules-memory (1 MiB) holds; raise it" in info.value.details
             assert client.generate("Hi", adapter_id="plain", max_new_tokens=2).completion_tokens in (1, 2)
             assert client.generate("Hi", max_new_tokens=2).completion_tokens in (1, 2)
+
+
+def test_a_request_waiting_for_copy_room_holds_back_only_adapters_with_copies(saved_adapters, tiny_base):
+    """Room for one copy, 'head' running: a request on 'embed' waits for the room, while a later
+    one on 'plain' (no copies) is admitted and finishes first; 'embed' runs once 'head' is done."""
+    import threading
+    import time
+
+    from serving_helpers import make_engine
+
+    from lorad.server.sampling import SamplingParams
+    from lorad.testing import pace_steps
+
+    root, _ = saved_adapters
+    engine = make_engine(tiny_base, root, saved_modules_memory=tiny_base.model.lm_head.weight.numel() * 4)
+    try:
+        pace_steps(engine, 0.01)
+        order, started = [], threading.Event()
+
+        def sink(name):
+            def on_event(event):
+                if event.kind == "chunk" and name == "head":
+                    started.set()
+                elif event.kind != "chunk":
+                    order.append((name, event.kind))
+            return on_event
+
+        engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=60, ignore_eos=True), sink("head"), adapter_id="head")
+        assert started.wait(30)
+        for name in ("embed", "plain"):
+            engine.submit(PROMPTS[1], SamplingParams(max_new_tokens=4, ignore_eos=True), sink(name), adapter_id=name)
+        deadline = time.time() + 60
+        while len(order) < 3 and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        engine.stop()
+    assert order == [("plain", "final"), ("head", "final"), ("embed", "final")]
