@@ -23,7 +23,7 @@ from lorad.errors import (
 from lorad.server.config import EngineConfig
 from lorad.server.engine import Engine
 from lorad.server.sampling import SamplingParams
-from lorad.testing import write_random_adapter
+from lorad.testing import pace_steps, write_random_adapter
 from serving_helpers import Collector, make_engine
 
 PROMPTS = [
@@ -198,6 +198,7 @@ def test_bad_requests_are_refused_before_queueing(engine):
 
 def test_cancel_frees_the_batch_slot_at_the_next_step(tiny_base):
     eng = make_engine(tiny_base)
+    pace_steps(eng, 0.005)  # 200 tokens take over 1 s: the cancel lands mid-request on any machine
     try:
         sink = Collector()
         rid = eng.submit(eng.encode(PROMPTS[0]), SamplingParams(max_new_tokens=200, ignore_eos=True), sink)
@@ -214,6 +215,7 @@ def test_cancel_frees_the_batch_slot_at_the_next_step(tiny_base):
 
 def test_a_passed_deadline_is_an_error_and_frees_the_slot(tiny_base):
     eng = make_engine(tiny_base)
+    pace_steps(eng, 0.005)  # 200 tokens take over 1 s: the 50 ms deadline passes mid-request on any machine
     try:
         with pytest.raises(DeadlineExceededError, match="deadline passed"):
             eng.generate(eng.encode(PROMPTS[0]), SamplingParams(max_new_tokens=200, ignore_eos=True), timeout=0.05)
@@ -354,6 +356,7 @@ def test_adapter_loading_never_stalls_running_requests(tiny_base, tiny_geometry,
 
     monkeypatch.setattr(store_module, "load_adapter", slow_load)
     eng = make_engine(tiny_base, adapters_dir=tmp_path)
+    pace_steps(eng, 0.005)  # 200 tokens outlast the 1 s read on any machine (the tiny base alone may not)
     try:
         ids = eng.encode(PROMPTS[0])
         runner = Collector()
