@@ -62,6 +62,12 @@ _HALF_NAMES = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector", "b": 
 # PEFT saves the trained copy as base_model.model.<full name>.weight (its ".modules_to_save.default"
 # stripped), e.g. base_model.model.lm_head.weight.
 SAVED_MODULES = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head"}
+_SAVED_SHORT = {full: short for short, full in SAVED_MODULES.items()}
+
+
+def distinct_tensors(tensors) -> list:
+    """Each tensor once: PEFT's tied saved copies are one tensor under two names."""
+    return list({id(t): t for t in tensors}.values())
 
 
 # Every module name of a Llama model as transformers names them (layer 0 stands for every layer),
@@ -161,7 +167,7 @@ class LoadedAdapter:
     def nbytes(self) -> int:
         return (sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
                 + sum(v.numel() * v.element_size() for v in self.biases.values())
-                + sum(v.numel() * v.element_size() for v in {id(v): v for v in self.saved_modules.values()}.values()))
+                + sum(v.numel() * v.element_size() for v in distinct_tensors(self.saved_modules.values())))
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -620,7 +626,7 @@ def _saved_module_shapes(adapter_id: str, config: AdapterConfig, entries: dict[s
         m = _SAVED_MODULE_NAME.match(name)
         if m is None:
             continue
-        short = next(k for k, full in SAVED_MODULES.items() if full == m.group(1))
+        short = _SAVED_SHORT[m.group(1)]
         if short not in allowed:
             raise InvalidAdapterError(f"adapter {adapter_id!r}: tensor {shorten(name)} is a trained copy of {short}, "
                                       f"but {CONFIG_FILE} does not list it in modules_to_save")
@@ -678,7 +684,7 @@ def load_adapter(path: Path, adapter_id: str, geometry: ModelGeometry, max_rank:
     for name, tensor in tensors.items():
         module = _SAVED_MODULE_NAME.match(name)
         if module is not None:  # [vocab, hidden], checked by _build_spec
-            saved[next(k for k, full in SAVED_MODULES.items() if full == module.group(1))] = tensor
+            saved[_SAVED_SHORT[module.group(1)]] = tensor
             continue
         m = _TENSOR_NAME.match(name)
         assert m is not None, name  # _build_spec accepted every name

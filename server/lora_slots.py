@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorad.adapter_format import SAVED_MODULES, LoadedAdapter
+from lorad.adapter_format import SAVED_MODULES, LoadedAdapter, distinct_tensors
 from lorad.errors import AdapterDoesNotFitError
 from lorad.geometry import PROJECTIONS, ModelGeometry
 
@@ -124,13 +124,12 @@ class LoRASlotPool:
 
     def slot_saved_nbytes(self, slot: int) -> int:
         """Bytes of the modules_to_save copies `slot` holds (tied copies once)."""
-        held = {id(w): w for slots in self.saved.values() if (w := slots[slot]) is not None}  # tied copies once
-        return sum(w.numel() * w.element_size() for w in held.values())
+        held = distinct_tensors(w for slots in self.saved.values() if (w := slots[slot]) is not None)
+        return sum(w.numel() * w.element_size() for w in held)
 
     def saved_nbytes_needed(self, adapter: LoadedAdapter) -> int:
         """Device bytes the adapter's modules_to_save copies take in this pool's dtype."""
-        copies = {id(w): w for w in adapter.saved_modules.values()}  # tied copies are one tensor
-        return sum(w.numel() * self.dtype.itemsize for w in copies.values())
+        return sum(w.numel() * self.dtype.itemsize for w in distinct_tensors(adapter.saved_modules.values()))
 
     @property
     def slot_nbytes(self) -> int:
@@ -169,12 +168,13 @@ class LoRASlotPool:
         """
         adapter_id = adapter.spec.adapter_id
         assert adapter_id not in self.slot_of, "acquire_resident first"
-        if adapter.saved_modules and self.saved_budget is not None:
+        budgeted = bool(adapter.saved_modules) and self.saved_budget is not None
+        if budgeted:
             self._check_saved_fits(adapter, pinned)
         self.waits_for_saved = False
         if not self._idle:
             return None
-        if adapter.saved_modules and not self._room_for_saved(adapter):
+        if budgeted and not self._room_for_saved(adapter):
             self.waits_for_saved = True
             return None
         slot = next(iter(self._idle))  # after _room_for_saved: a slot it emptied, if any
@@ -210,8 +210,6 @@ class LoRASlotPool:
         """Make room within saved_budget for the adapter's copies by evicting idle slots'
         adapters with copies, least recently used first. False, evicting nothing, while copies
         held by running requests leave too little room."""
-        if self.saved_budget is None:
-            return True
         need = self.saved_nbytes_needed(adapter)
         idle = [s for s in self._idle if self.slot_saved_nbytes(s)]  # least recently used first
         held = self.saved_nbytes
