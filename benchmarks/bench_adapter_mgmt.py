@@ -12,7 +12,9 @@ it). Prints medians over --repeats rounds, the CPU path and the load average.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -43,6 +45,7 @@ def main() -> None:
     base = load_base(BaseModelConfig())
     geometry = ModelGeometry.from_hf_config(base.model.config)
     tmp = Path(tempfile.mkdtemp(prefix="lorad-bench-mgmt-"))
+    atexit.register(shutil.rmtree, tmp, True)
     root = tmp / "adapters"
     root.mkdir()
     versions = [write_random_adapter(tmp / f"v{i}", geometry, rank=args.rank, seed=i, b_std=0.01) for i in range(2)]

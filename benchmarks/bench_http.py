@@ -20,8 +20,10 @@ through gRPC and through bare httpx, as milliseconds per generated token.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -50,6 +52,7 @@ def main() -> None:
     from lorad.testing import ServeProcess, write_random_adapter
 
     tmp = Path(tempfile.mkdtemp(prefix="lorad-bench-http-"))
+    atexit.register(shutil.rmtree, tmp / "adapters", True)  # the server log stays, for reading
     geometry = ModelGeometry.from_hf_config(AutoConfig.from_pretrained(embedded_model_dir()))
     write_random_adapter(tmp / "adapters" / "bench", geometry, rank=16, seed=0, b_std=0.01)
     adapter = "bench" if args.adapter else None

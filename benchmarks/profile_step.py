@@ -19,8 +19,10 @@ Builds the engine on the embedded SmolLM2-135M NF4 base, admits --batch requests
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -107,6 +109,7 @@ def main() -> None:
     base = load_base(BaseModelConfig(device="cpu"), cache_quantized=True)
     geometry = ModelGeometry.from_hf_config(base.model.config)
     tmp = Path(tempfile.mkdtemp(prefix="lorad-profile-"))
+    atexit.register(shutil.rmtree, tmp, True)  # 8 rank-16 adapters, 150 MB
     names = []
     for i in range(args.adapters):
         write_random_adapter(tmp / f"a{i}", geometry, rank=16, alpha=32, seed=i, b_std=0.004)
