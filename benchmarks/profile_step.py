@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=None, help="[default: lorad's choice]")
     ap.add_argument("--cpu-path", choices=("native", "avx2"), default="native")
+    ap.add_argument("--nf4-kernel-rows", type=int, default=None,
+                    help="EngineConfig.nf4_kernel_rows (AVX2 path) [default: lorad's default]")
     ap.add_argument("--ops", action="store_true", help="also print torch.profiler's per-op table")
     args = ap.parse_args()
     if args.cpu_path == "avx2":
@@ -114,7 +116,9 @@ def main() -> None:
     for i in range(args.adapters):
         write_random_adapter(tmp / f"a{i}", geometry, rank=16, alpha=32, seed=i, b_std=0.004)
         names.append(f"a{i}")
+    kernel_rows = {} if args.nf4_kernel_rows is None else {"nf4_kernel_rows": args.nf4_kernel_rows}
     engine = Engine(base, EngineConfig(max_seq_len=args.prompt_tokens + args.steps + 64, threads=args.threads,
+                                       **kernel_rows,
                                        max_batch_size=args.batch), adapters_dir=str(tmp))
     prompt = list(range(1000, 1000 + args.prompt_tokens))
     for i in range(args.batch):

@@ -77,6 +77,10 @@ def _default(name: str):
 @click.option("--dequant-memory", default=f"{_E.dequant_memory / 2**30:g}GiB", show_default=True,
               help="Memory for dequantized fp32 copies of NF4 projections on CPUs without AVX512-BF16, where "
                    "bitsandbytes would dequantize every weight on every call; 0 disables them.")
+@click.option("--nf4-kernel-rows", type=click.IntRange(min=0), default=_E.nf4_kernel_rows, show_default=True,
+              help="On CPUs without AVX512-BF16 (AVX2 and FMA), batches of up to this many rows run NF4 projections through lorad's AVX2 kernel "
+                   "on the packed 4-bit weights (8x fewer bytes than the fp32 copies; equal to float32 rounding, "
+                   "not bit for bit); 0 never uses it.")
 @click.option("--saved-modules-memory", default=None,
               help=f"Device memory for the whole lm_head / embed_tokens weights that modules_to_save adapters bring "
                    f"while they hold slots (e.g. 2GiB); idle adapters' copies are evicted to make room, and an "
@@ -117,7 +121,8 @@ def _default(name: str):
 def serve(base, quant, device, adapters_dir, host, port, metrics_port, http_port, http_host, http_max_concurrency,
           max_loras, max_cpu_loras, max_cpu_lora_memory, max_lora_rank,
           max_batch_size, max_seq_len, kv_cache_memory, max_prefill_tokens, max_queue, default_max_new_tokens,
-          threads, dequant_memory, saved_modules_memory, lora_backend, max_request_bytes, max_unsent_chunks,
+          threads, dequant_memory, nf4_kernel_rows, saved_modules_memory, lora_backend, max_request_bytes,
+          max_unsent_chunks,
           admin_token_file, api_token_file, tls_cert, tls_key, tls_client_ca, max_upload_bytes, export_dir, grace_seconds,
           drain_seconds, metrics_adapter_ids, log_level):
     """Serve one base model and every adapter in --adapters over gRPC (lorad.v1.Generator), and
@@ -168,6 +173,7 @@ def serve(base, quant, device, adapters_dir, host, port, metrics_port, http_port
                 default_max_new_tokens=default_max_new_tokens,
                 threads=threads,
                 dequant_memory=dequant_memory,
+                nf4_kernel_rows=nf4_kernel_rows,
                 saved_modules_memory=saved_modules_memory,
                 lora_backend=lora_backend,
             ),

@@ -61,6 +61,9 @@ class EngineConfig:
     dequant_memory: bytes an NF4 base may spend on dequantized fp32 copies of its projections
         where bitsandbytes would dequantize them on every call (CPUs without AVX512-BF16);
         projections past the budget keep bitsandbytes' per-call path. 0 disables the copies.
+    nf4_kernel_rows: on those CPUs (AVX2 and FMA), batches of at most this many rows run NF4
+        projections through lorad's NF4 kernel on the packed 4-bit weights
+        (lorad.kernels.nf4_avx2), larger ones through the copies; 0 never uses the kernel.
     saved_modules_memory: device bytes for the whole weights modules_to_save adapters bring
         (lm_head / embed_tokens copies, [vocab, hidden] each) while they hold slots; None = room
         for SAVED_COPIES_BY_DEFAULT such copies of this base. Idle adapters' copies are evicted
@@ -82,6 +85,7 @@ class EngineConfig:
     lora_backend: str = "auto"
     threads: int | None = None
     dequant_memory: int = 4 * 2**30
+    nf4_kernel_rows: int = 16
     saved_modules_memory: int | None = None
     max_cpu_lora_memory: int | None = None
 
@@ -98,6 +102,8 @@ class EngineConfig:
         self.dequant_memory = parse_bytes(self.dequant_memory, "dequant_memory")
         if self.dequant_memory < 0:
             raise ConfigError(f"dequant_memory: must not be negative, got {self.dequant_memory}")
+        if not isinstance(self.nf4_kernel_rows, int) or self.nf4_kernel_rows < 0:
+            raise ConfigError(f"nf4_kernel_rows: must be a whole number >= 0, got {self.nf4_kernel_rows!r}")
         for name in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_batch_size", "max_prefill_tokens",
                      "max_queue", "default_max_new_tokens", "max_new_tokens_limit"):
             _positive(name, getattr(self, name))

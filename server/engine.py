@@ -107,7 +107,7 @@ class Engine:
         self.threads = config.threads or default_threads()
         torch.set_num_threads(self.threads)  # again on the loop's thread: OpenMP's setting is per thread
         self.runner = LlamaRunner(base.model, self.geometry, self.kv, self.pool, config.lora_backend,
-                                  dequant_memory=config.dequant_memory)
+                                  dequant_memory=config.dequant_memory, nf4_kernel_rows=config.nf4_kernel_rows)
         self.eos_ids = self._eos_ids()
 
         self._ids = itertools.count(1)

@@ -176,7 +176,7 @@ class _Layer:
 
 class LlamaRunner:
     def __init__(self, model, geometry: ModelGeometry, kv: KVCache, pool: LoRASlotPool, lora_backend: str = "auto",
-                 dequant_memory: int = 0):
+                 dequant_memory: int = 0, nf4_kernel_rows: int = 0):
         inner = model.model
         self.geometry = geometry
         self.kv = kv
@@ -186,7 +186,7 @@ class LlamaRunner:
         self.dtype = kv.dtype  # activations
         self.embed = inner.embed_tokens
         self.norm = inner.norm
-        builder = GroupBuilder(dequant_memory, self.dtype)
+        builder = GroupBuilder(dequant_memory, self.dtype, nf4_kernel_rows)
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp

@@ -29,6 +29,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from lorad.kernels.nf4_avx2 import BLOCK, nf4_matmul
+
 log = logging.getLogger(__name__)
 
 
@@ -163,15 +165,20 @@ def dequantized_weight(module, dtype: torch.dtype) -> torch.Tensor:
     if getattr(state, "packing_format_for_cpu", False):
         raise ValueError("dequantized_weight: the weight is packed for the fused kernel; use FusedNF4")
     B = module.weight.data.view(-1, 1)
-    absmax = state.absmax
-    if state.nested:
-        if state.state2.blocksize != 256:
-            raise NotImplementedError("nested quantization with state2.blocksize != 256")
-        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
-            state.absmax, state.state2.absmax, state.state2.code, 256, torch.float32) + state.offset
     with torch.inference_mode():
         return torch.ops.bitsandbytes.dequantize_4bit.default(
-            B, absmax, state.blocksize, state.quant_type, state.shape, dtype)
+            B, absmax_f32(state), state.blocksize, state.quant_type, state.shape, dtype)
+
+
+def absmax_f32(state) -> torch.Tensor:
+    """The per-block scales of a quant state as float32, un-nesting them as bitsandbytes' fallback does."""
+    if not state.nested:
+        return state.absmax
+    if state.state2.blocksize != 256:
+        raise NotImplementedError("nested quantization with state2.blocksize != 256")
+    with torch.inference_mode():
+        return torch.ops.bitsandbytes.dequantize_blockwise.default(
+            state.absmax, state.state2.absmax, state.state2.code, 256, torch.float32) + state.offset
 
 
 class DequantizedNF4:
@@ -202,3 +209,66 @@ class DequantizedNF4:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [M, K] in self.dtype -> [M, N]
         return F.linear(x, self.weight, self.bias)
+
+
+class KernelNF4:
+    """y = concat_i(module_i(x)) for NF4 modules on bitsandbytes' dequantizing route (AVX2 CPUs):
+    lorad's NF4 kernel (lorad.kernels.nf4_avx2) on the packed weights for batches of at most
+    `max_rows` rows, `wide` (the group's DequantizedNF4 copy, or the modules themselves) above.
+
+    The kernel reads the 4-bit weights (1/8 of an fp32 copy's bytes) and decodes them in
+    registers; its sums run in another order than bitsandbytes' (equal to float32 rounding, not
+    bit-identical). Like FusedNF4, the packed weights are concatenated along N once and each
+    module's weight becomes a view into the concatenation; the scales are un-nested into fp32
+    (1/8 of the packed bytes).
+    """
+
+    route = "nf4-kernel"
+
+    def __init__(self, modules: list, wide, max_rows: int):
+        states = [m.weight.quant_state for m in modules]
+        self.in_features = states[0].shape[1]
+        if any(s.shape[1] != self.in_features or s.blocksize != BLOCK for s in states) or self.in_features % BLOCK:
+            raise ValueError(f"KernelNF4: the modules must share in_features, a multiple of {BLOCK}, "
+                             f"and blocksize {BLOCK}")
+        self.code = states[0].code.float().contiguous()
+        if any(not torch.equal(s.code.float(), self.code) for s in states):
+            raise ValueError("KernelNF4: the modules must share one NF4 code table")
+        self.out_features = tuple(s.shape[0] for s in states)
+        self.weight = torch.cat([m.weight.data.reshape(-1) for m in modules])  # [N * K / 2] uint8
+        offset = 0
+        for m in modules:
+            size = m.weight.data.numel()
+            m.weight.data = self.weight[offset : offset + size].view(m.weight.data.shape)  # a view: no byte twice
+            offset += size
+        self.absmax = torch.cat([absmax_f32(s).float().reshape(-1) for s in states])  # [N * K / 64]
+        biases = [m.bias for m in modules]
+        self.bias = None if all(b is None for b in biases) else torch.cat(
+            [b.detach().float() if b is not None else torch.zeros(n) for b, n in zip(biases, self.out_features)])
+        self.wide = wide
+        self.max_rows = max_rows
+        self.extra_bytes = self.absmax.numel() * 4 + wide.extra_bytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [M, K] float32 -> [M, N]
+        if x.shape[0] > self.max_rows:
+            return self.wide(x)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        if torch.compiler.is_compiling():
+            out = nf4_kernel_linear(x, self.weight, self.absmax, self.code)
+        else:
+            out = nf4_matmul(x, self.weight, self.absmax, self.code)
+        if self.bias is not None:
+            out += self.bias
+        return out
+
+
+@torch.library.custom_op("lorad::nf4_kernel_linear", mutates_args=())
+def nf4_kernel_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    return nf4_matmul(x, weight, absmax, code)
+
+
+@nf4_kernel_linear.register_fake
+def _(x, weight, absmax, code):
+    return x.new_empty(x.shape[0], 2 * weight.numel() // x.shape[1])

@@ -11,11 +11,15 @@ groups of one. How a group runs depends on the base and the CPU (lorad.cpu_featu
   nf4-dequant  NF4 where bitsandbytes would dequantize every weight on every call (AVX2 CPUs):
                a dequantized fp32 copy made once, within EngineConfig.dequant_memory,
                bit-identical to bitsandbytes' own fallback (lorad.server.nf4_cpu.DequantizedNF4)
+  nf4-kernel   the same CPUs, batches of at most EngineConfig.nf4_kernel_rows rows: lorad's
+               NF4 AVX2 kernel on the packed weights (lorad.server.nf4_cpu.KernelNF4), larger
+               batches through the group's nf4-dequant copy or modules; equal to float32
+               rounding, not bit for bit
   modules      anything else (NF4 on CUDA, a layer past the dequant budget): each module
                called as it is, the outputs concatenated
 
-Every route returns exactly what calling the modules one by one returns (bit for bit on the
-CPU routes; tests/test_nf4_cpu.py); only the number of calls changes.
+Every route but nf4-kernel returns exactly what calling the modules one by one returns (bit
+for bit on the CPU routes; tests/test_nf4_cpu.py); only the number of calls changes.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from lorad.cpu_features import CpuFeatures
-from lorad.server.nf4_cpu import DequantizedNF4, FusedNF4, nf4_route
+from lorad.kernels import nf4_avx2
+from lorad.server.nf4_cpu import DequantizedNF4, FusedNF4, KernelNF4, nf4_route
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +77,14 @@ def _is_dense_linear(module) -> bool:
 class GroupBuilder:
     """Builds every group of one model, tracking the dequantization budget across them."""
 
-    def __init__(self, dequant_memory: int, compute_dtype: torch.dtype):
+    def __init__(self, dequant_memory: int, compute_dtype: torch.dtype, nf4_kernel_rows: int = 0):
         self.dequant_left = dequant_memory
         self.compute_dtype = compute_dtype
+        self.nf4_kernel_rows = nf4_kernel_rows
         self.routes: dict[str, int] = {}
         self.extra_bytes = 0
         self.past_budget = 0  # NF4 groups left on bitsandbytes' per-call path by the budget
+        self.kernel_unavailable = False
 
     def build(self, modules: list):
         group = self._choose(modules)
@@ -92,21 +99,39 @@ class GroupBuilder:
         if routes == {"fused"}:
             return FusedNF4(modules)
         if routes == {"dequant"} and self.compute_dtype == torch.float32:
-            need = DequantizedNF4.bytes_for(modules, torch.float32)
-            if need <= self.dequant_left:
-                self.dequant_left -= need
-                return DequantizedNF4(modules, torch.float32)
-            if not self.past_budget:
-                log.warning("dequant_memory is spent: the remaining NF4 projections dequantize on every call "
-                            "(slow on this CPU; raise --dequant-memory)")
-            self.past_budget += 1
+            wide = self._dequantized(modules)
+            if self.nf4_kernel_rows and self._kernel_fits(modules):
+                return KernelNF4(modules, wide, self.nf4_kernel_rows)
+            return wide
         return ModuleGroup(modules)
+
+    def _dequantized(self, modules: list):
+        need = DequantizedNF4.bytes_for(modules, torch.float32)
+        if need <= self.dequant_left:
+            self.dequant_left -= need
+            return DequantizedNF4(modules, torch.float32)
+        if not self.past_budget:
+            log.warning("dequant_memory is spent: the remaining NF4 projections dequantize on every call "
+                        "(slow on this CPU; raise --dequant-memory)")
+        self.past_budget += 1
+        return ModuleGroup(modules)
+
+    def _kernel_fits(self, modules: list) -> bool:
+        if not nf4_avx2.available():
+            if not self.kernel_unavailable:
+                log.warning("NF4 kernel unavailable (%s): NF4 projections use fp32 copies at every batch size",
+                            nf4_avx2.unavailable_reason())
+            self.kernel_unavailable = True
+            return False
+        return all(m.weight.quant_state.blocksize == nf4_avx2.BLOCK and m.in_features % nf4_avx2.BLOCK == 0
+                   for m in modules)
 
     def describe(self) -> str:
         names = {
             "dense": "unquantized, groups concatenated",
             "nf4-fused": "NF4 through bitsandbytes' fused AVX512-BF16 kernel, called directly",
             "nf4-dequant": "NF4 dequantized once to fp32 (bit-identical to bitsandbytes' fallback)",
+            "nf4-kernel": f"NF4 through lorad's AVX2 kernel up to {self.nf4_kernel_rows} rows",
             "modules": "each module's own forward",
         }
         parts = [f"{names[r]} ({n} groups)" for r, n in sorted(self.routes.items())]

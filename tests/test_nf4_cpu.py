@@ -1,6 +1,9 @@
 """lorad's projection routes compute exactly what the modules compute (server/nf4_cpu.py,
 server/projections.py), and the engine on the AVX2 route matches transformers.
 
+The exception is the nf4-kernel route (lorad's NF4 AVX2 kernel, kernels/nf4_avx2.py): it sums
+in another order, so it is compared to the modules within float32 rounding.
+
 Small random NF4 Linear4bit modules, quantized by bitsandbytes itself (double quantization, as
 lorad loads bases). Every comparison is bit-for-bit (torch.equal) against the module's own
 forward: the fused kernel where this CPU has AVX512-BF16, bitsandbytes' dequantize-per-call
@@ -15,12 +18,15 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 
 from lorad.cpu_features import CpuFeatures  # noqa: E402
-from lorad.server.nf4_cpu import DequantizedNF4, FusedNF4, _fused_kernel, nf4_route  # noqa: E402
+from lorad.kernels import nf4_avx2  # noqa: E402
+from lorad.server.nf4_cpu import DequantizedNF4, FusedNF4, KernelNF4, _fused_kernel, nf4_route  # noqa: E402
 from lorad.server.projections import DenseGroup, GroupBuilder, LogitsHead, ModuleGroup  # noqa: E402
 
 FUSED = bool(bnb.functional.has_avx512bf16()) and _fused_kernel() is not None
 needs_fused = pytest.mark.skipif(
     not FUSED, reason="this CPU has no AVX512-BF16: bitsandbytes has no fused NF4 kernel to compare with")
+needs_kernel = pytest.mark.skipif(not nf4_avx2.available(),
+                                  reason=f"NF4 AVX2 kernel unavailable: {nf4_avx2.unavailable_reason()}")
 SHAPES = [(64, 96), (64, 32), (64, 32)]  # a q/k/v-like group: in 64, out 96 / 32 / 32 (multiples of 32)
 
 
@@ -92,6 +98,47 @@ def test_builder_keeps_the_dequant_copies_within_budget():
     assert isinstance(GroupBuilder(0, torch.float32).build(group(fused=False)), ModuleGroup)  # 0 disables
 
 
+@needs_kernel
+def test_kernel_group_matches_the_modules_and_hands_wide_batches_on():
+    mods = group(fused=False, bias=True)
+    with torch.inference_mode():
+        refs = [torch.cat([m(x) for m in mods], dim=1) for x in inputs()]  # bitsandbytes' fallback
+        builder = GroupBuilder(DequantizedNF4.bytes_for(mods), torch.float32, nf4_kernel_rows=16)
+        kernel = builder.build(mods)
+        assert isinstance(kernel, KernelNF4) and isinstance(kernel.wide, DequantizedNF4)
+        assert builder.routes == {"nf4-kernel": 1}
+        assert "AVX2 kernel up to 16 rows" in builder.describe()
+        for x, ref in zip(inputs(), refs):  # 1, 3 and 16 rows: the kernel; 33: the fp32 copy
+            got = kernel(x)
+            if x.shape[0] > 16:
+                assert torch.equal(got, ref)
+            else:
+                assert ((got - ref).abs().max() / ref.abs().max()).item() < 2e-6
+                assert not torch.equal(got, kernel.wide(x))  # it really took the kernel: other rounding
+            # the modules now read views of the concatenated weight and still compute the same
+            assert torch.equal(torch.cat([m(x) for m in mods], dim=1), ref)
+    assert all(shares_storage(m.weight, kernel.weight) for m in mods)  # no byte held twice
+    assert kernel.extra_bytes == kernel.absmax.numel() * 4 + DequantizedNF4.bytes_for(mods)
+    past = GroupBuilder(0, torch.float32, nf4_kernel_rows=4).build(group(fused=False))
+    assert isinstance(past, KernelNF4) and isinstance(past.wide, ModuleGroup)  # no copy budget: modules above 4
+    assert isinstance(GroupBuilder(0, torch.float32, nf4_kernel_rows=0).build(group(fused=False)), ModuleGroup)
+
+
+@needs_kernel
+def test_kernel_group_traces_under_torch_compile():
+    """The kernel is a ctypes call: torch.compile sees it as the custom op lorad::nf4_kernel_linear."""
+    kernel = KernelNF4(group(fused=False), ModuleGroup([]), max_rows=16)
+    x = inputs()[2]
+    with torch.no_grad():
+        eager = kernel(x)
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(lambda t: kernel(t) * 2, backend="aot_eager", fullgraph=True)(x)
+        finally:
+            torch._dynamo.reset()
+    assert torch.equal(compiled, eager * 2)
+
+
 def test_dense_group_concatenates_without_copying():
     torch.manual_seed(0)
     mods = [torch.nn.Linear(64, o, bias=False) for _, o in SHAPES]
@@ -151,9 +198,11 @@ def test_logits_head_refines_the_top_tokens_in_fp32(native_bf16):
         assert torch.equal(plain(h).argmax(-1), head(h).argmax(-1))
 
 
-def test_engine_on_the_avx2_route_matches_transformers(tmp_path, tokenizer, monkeypatch):
-    """A tiny Llama quantized to NF4 with the AVX2 route forced: the engine (dequantized copies,
-    fused q/k/v and gate/up, fp16 logits head refined in fp32) gives HF generate's greedy tokens."""
+@pytest.mark.parametrize("kernel_rows", [0, pytest.param(16, marks=needs_kernel)], ids=["fp32-copies", "nf4-kernel"])
+def test_engine_on_the_avx2_route_matches_transformers(tmp_path, tokenizer, monkeypatch, kernel_rows):
+    """A tiny Llama quantized to NF4 with the AVX2 route forced: the engine (dequantized copies or
+    lorad's NF4 kernel, fused q/k/v and gate/up, fp16 logits head refined in fp32) gives HF
+    generate's greedy tokens."""
     from lorad import cpu_features
     from lorad.base_model import BaseModelConfig, load_base
     from lorad.server.config import EngineConfig
@@ -169,8 +218,9 @@ def test_engine_on_the_avx2_route_matches_transformers(tmp_path, tokenizer, monk
     cpu_features.detect.cache_clear()
     try:
         base = load_base(BaseModelConfig(name=str(tmp_path / "tiny"), quant="nf4", device="cpu"))
-        engine = Engine(base, EngineConfig(max_seq_len=64, max_batch_size=2, threads=1))
-        assert engine.runner.route.startswith("NF4 dequantized once to fp32"), engine.runner.route
+        engine = Engine(base, EngineConfig(max_seq_len=64, max_batch_size=2, threads=1, nf4_kernel_rows=kernel_rows))
+        expected = "NF4 through lorad's AVX2 kernel" if kernel_rows else "NF4 dequantized once to fp32"
+        assert engine.runner.route.startswith(expected), engine.runner.route
         assert "lm_head fp16 for one row" in engine.runner.route
         prompt = engine.encode(prompt="The capital of France is")
         with engine:

@@ -1,0 +1,141 @@
+"""NF4 x fp32 matmul for a few rows on AVX2 CPUs (kernels/nf4_avx2.c), and its PyTorch twin.
+
+bitsandbytes runs an NF4 `Linear4bit` on the CPU through a fused kernel only where the CPU has
+AVX512-BF16. Elsewhere it dequantizes the whole weight to fp32 on every call, and the engine's
+alternative, an fp32 copy kept once (lorad.server.nf4_cpu.DequantizedNF4), reads 8x the NF4
+bytes every decode step: on an AVX2 machine that is most of a batch-1 step. This kernel reads
+the packed 4-bit weights and decodes them in registers (a byte lookup per byte of the fp32 code
+value), one decode serving up to 4 rows of x. No library does this for bitsandbytes' layout
+on AVX2, hence ~100 lines of C, compiled on first use with the system's C compiler and cached.
+
+Contract (the kernel and `nf4_matmul_torch` alike):
+
+    nf4_matmul(x, weight, absmax, code) -> y
+      x       [M, K] float32, rows contiguous (x.stride(1) == 1); K a multiple of 64
+      weight  uint8, N * K / 2 bytes, contiguous: the row-major [N, K] matrix of 4-bit indices,
+              two per byte, high nibble first (the layout of bitsandbytes' Linear4bit weight)
+      absmax  [N * K / 64] float32: the scale of each run of 64 weights in that order
+              (bitsandbytes' nested absmax already dequantized)
+      code    [16] float32: the value of each index (bitsandbytes' NF4 table)
+      y       [M, N] float32: y[m, n] = sum_k x[m, k] * code[q[n, k]] * absmax[(n * K + k) // 64]
+
+Both sum in float32, in different orders: the twin scales each weight, then multiplies (as
+bitsandbytes' fallback does); the kernel sums each run of 64 unscaled products, then scales
+the run. They agree to float32 rounding (relative 2e-7 of max |y| in tests/test_nf4_avx2.py);
+they are not bit-identical.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BLOCK = 64  # weights per absmax scale; the kernel supports bitsandbytes' default only
+_SOURCE = Path(__file__).with_name("nf4_avx2.c")
+# -fopenmp: the library then needs libgomp.so.1, which resolves to the copy torch has loaded
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+
+
+def _compiler() -> str | None:
+    return next((c for c in (os.environ.get("CC"), "cc", "gcc") if c and shutil.which(c)), None)
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """(the built kernel, "") or (None, why it is unavailable); built once per source and flags."""
+    from lorad.cpu_features import detect
+
+    flags = detect().flags
+    if not {"avx2", "fma"} <= flags:
+        return None, "the CPU lacks AVX2/FMA"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler (cc or gcc; or set CC)"
+    from lorad.base_model import cache_dir
+
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"nf4_avx2-{key}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, renamed into place
+            built = Path(tmp) / target.name
+            result = subprocess.run([cc, *_FLAGS, "-o", str(built), str(_SOURCE)], capture_output=True, text=True)
+            if result.returncode != 0:
+                return None, f"{cc} failed to build {_SOURCE.name}: {result.stderr.strip()[-500:]}"
+            os.replace(built, target)
+    lib = ctypes.CDLL(str(target))
+    lib.lorad_nf4_matmul_f32.restype = ctypes.c_int
+    lib.lorad_nf4_matmul_f32.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] + \
+        [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
+    return lib, ""
+
+
+def available() -> bool:
+    return _library()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why the kernel cannot run here ("" when it can)."""
+    return _library()[1]
+
+
+def check_nf4_args(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> int:
+    """The contract's checks; returns N."""
+    if x.dim() != 2 or x.dtype != torch.float32 or x.stride(1) != 1:
+        raise ValueError(f"x: expected [M, K] float32 with contiguous rows, got {tuple(x.shape)} {x.dtype}")
+    K = x.shape[1]
+    if K % BLOCK:
+        raise ValueError(f"x: K = {K} is not a multiple of {BLOCK}")
+    if weight.dtype != torch.uint8 or not weight.is_contiguous() or (2 * weight.numel()) % K:
+        raise ValueError(f"weight: expected contiguous uint8 holding N x {K} 4-bit indices, got "
+                         f"{weight.numel()} {weight.dtype}")
+    N = 2 * weight.numel() // K
+    if absmax.dtype != torch.float32 or not absmax.is_contiguous() or absmax.numel() != N * K // BLOCK:
+        raise ValueError(f"absmax: expected {N * K // BLOCK} contiguous float32 scales, got {absmax.numel()} "
+                         f"{absmax.dtype}")
+    if code.dtype != torch.float32 or not code.is_contiguous() or code.numel() != 16:
+        raise ValueError(f"code: expected 16 contiguous float32 values, got {code.numel()} {code.dtype}")
+    return N
+
+
+def nf4_matmul(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+               threads: int | None = None) -> torch.Tensor:
+    """The kernel (contract above); threads: OpenMP threads (None: torch.get_num_threads())."""
+    lib, why = _library()
+    if lib is None:
+        raise RuntimeError(f"the NF4 AVX2 kernel is unavailable: {why}")
+    N = check_nf4_args(x, weight, absmax, code)
+    M, K = x.shape
+    y = torch.empty(M, N, dtype=torch.float32)
+    status = lib.lorad_nf4_matmul_f32(M, N, K, x.data_ptr(), x.stride(0), weight.data_ptr(), absmax.data_ptr(),
+                                      code.data_ptr(), y.data_ptr(), N, threads or torch.get_num_threads())
+    if status:
+        raise RuntimeError(f"lorad_nf4_matmul_f32 failed with status {status}")
+    return y
+
+
+def nf4_dequantize_torch(weight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, K: int) -> torch.Tensor:
+    """[N, K] float32: each weight's code value times its run's scale."""
+    packed = weight.reshape(-1)
+    idx = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1).long()  # high nibble first
+    values = code[idx].view(-1, BLOCK) * absmax.view(-1, 1)
+    return values.view(-1, K)
+
+
+def nf4_matmul_torch(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                     threads: int | None = None) -> torch.Tensor:
+    """The PyTorch twin (contract above): dequantize, then one matmul. threads is ignored."""
+    check_nf4_args(x, weight, absmax, code)
+    return x @ nf4_dequantize_torch(weight, absmax, code, x.shape[1]).T
