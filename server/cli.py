@@ -78,9 +78,10 @@ def _default(name: str):
               help="Memory for dequantized fp32 copies of NF4 projections on CPUs without AVX512-BF16, where "
                    "bitsandbytes would dequantize every weight on every call; 0 disables them.")
 @click.option("--nf4-kernel-rows", type=click.IntRange(min=0), default=_E.nf4_kernel_rows, show_default=True,
-              help="On CPUs without AVX512-BF16 (AVX2 and FMA), batches of up to this many rows run NF4 projections through lorad's AVX2 kernel "
-                   "on the packed 4-bit weights (8x fewer bytes than the fp32 copies; equal to float32 rounding, "
-                   "not bit for bit); 0 never uses it.")
+              help="On CPUs without AVX512-BF16 (AVX2 and FMA), batches of up to this many rows run NF4 projections "
+                   "through lorad's AVX2 kernel on the packed 4-bit weights (8x fewer bytes than the fp32 copies; equal to "
+                   "float32 rounding, not bit for bit), larger ones through the copies; projections past "
+                   "--dequant-memory use the kernel at every size. 0 never uses it.")
 @click.option("--saved-modules-memory", default=None,
               help=f"Device memory for the whole lm_head / embed_tokens weights that modules_to_save adapters bring "
                    f"while they hold slots (e.g. 2GiB); idle adapters' copies are evicted to make room, and an "

@@ -63,7 +63,8 @@ class EngineConfig:
         projections past the budget keep bitsandbytes' per-call path. 0 disables the copies.
     nf4_kernel_rows: on those CPUs (AVX2 and FMA), batches of at most this many rows run NF4
         projections through lorad's NF4 kernel on the packed 4-bit weights
-        (lorad.kernels.nf4_avx2), larger ones through the copies; 0 never uses the kernel.
+        (lorad.kernels.nf4_avx2), larger ones through the copies; projections past the copies'
+        budget use the kernel at every batch size. 0 never uses the kernel.
     saved_modules_memory: device bytes for the whole weights modules_to_save adapters bring
         (lm_head / embed_tokens copies, [vocab, hidden] each) while they hold slots; None = room
         for SAVED_COPIES_BY_DEFAULT such copies of this base. Idle adapters' copies are evicted
@@ -85,7 +86,7 @@ class EngineConfig:
     lora_backend: str = "auto"
     threads: int | None = None
     dequant_memory: int = 4 * 2**30
-    nf4_kernel_rows: int = 16
+    nf4_kernel_rows: int = 32
     saved_modules_memory: int | None = None
     max_cpu_lora_memory: int | None = None
 

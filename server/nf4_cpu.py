@@ -214,7 +214,8 @@ class DequantizedNF4:
 class KernelNF4:
     """y = concat_i(module_i(x)) for NF4 modules on bitsandbytes' dequantizing route (AVX2 CPUs):
     lorad's NF4 kernel (lorad.kernels.nf4_avx2) on the packed weights for batches of at most
-    `max_rows` rows, `wide` (the group's DequantizedNF4 copy, or the modules themselves) above.
+    `max_rows` rows, `wide` (the group's DequantizedNF4 copy) above; wide=None: the kernel for
+    every batch.
 
     The kernel reads the 4-bit weights (1/8 of an fp32 copy's bytes) and decodes them in
     registers; its sums run in another order than bitsandbytes' (equal to float32 rounding, not
@@ -223,9 +224,7 @@ class KernelNF4:
     (1/8 of the packed bytes).
     """
 
-    route = "nf4-kernel"
-
-    def __init__(self, modules: list, wide, max_rows: int):
+    def __init__(self, modules: list, wide: DequantizedNF4 | None, max_rows: int | None):
         states = [m.weight.quant_state for m in modules]
         self.in_features = states[0].shape[1]
         if any(s.shape[1] != self.in_features or s.blocksize != BLOCK for s in states) or self.in_features % BLOCK:
@@ -247,11 +246,12 @@ class KernelNF4:
             [b.detach().float() if b is not None else torch.zeros(n) for b, n in zip(biases, self.out_features)])
         self.wide = wide
         self.max_rows = max_rows
-        self.extra_bytes = self.absmax.numel() * 4 + wide.extra_bytes
+        self.route = "nf4-kernel" if wide is not None else "nf4-kernel-all"
+        self.extra_bytes = self.absmax.numel() * 4 + (wide.extra_bytes if wide is not None else 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [M, K] float32 -> [M, N]
-        if x.shape[0] > self.max_rows:
+        if self.wide is not None and x.shape[0] > self.max_rows:
             return self.wide(x)
         if x.stride(-1) != 1:
             x = x.contiguous()

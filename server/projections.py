@@ -13,12 +13,13 @@ groups of one. How a group runs depends on the base and the CPU (lorad.cpu_featu
                bit-identical to bitsandbytes' own fallback (lorad.server.nf4_cpu.DequantizedNF4)
   nf4-kernel   the same CPUs, batches of at most EngineConfig.nf4_kernel_rows rows: lorad's
                NF4 AVX2 kernel on the packed weights (lorad.server.nf4_cpu.KernelNF4), larger
-               batches through the group's nf4-dequant copy or modules; equal to float32
-               rounding, not bit for bit
-  modules      anything else (NF4 on CUDA, a layer past the dequant budget): each module
-               called as it is, the outputs concatenated
+               batches through the group's nf4-dequant copy; past the copies' budget
+               (nf4-kernel-all) the kernel at every batch size. Equal to float32 rounding,
+               not bit for bit
+  modules      anything else (NF4 on CUDA, a layer past the dequant budget where the kernel
+               cannot run): each module called as it is, the outputs concatenated
 
-Every route but nf4-kernel returns exactly what calling the modules one by one returns (bit
+Every route but nf4-kernel(-all) returns exactly what calling the modules one by one returns (bit
 for bit on the CPU routes; tests/test_nf4_cpu.py); only the number of calls changes.
 """
 
@@ -99,21 +100,18 @@ class GroupBuilder:
         if routes == {"fused"}:
             return FusedNF4(modules)
         if routes == {"dequant"} and self.compute_dtype == torch.float32:
-            wide = self._dequantized(modules)
-            if self.nf4_kernel_rows and self._kernel_fits(modules):
-                return KernelNF4(modules, wide, self.nf4_kernel_rows)
-            return wide
-        return ModuleGroup(modules)
-
-    def _dequantized(self, modules: list):
-        need = DequantizedNF4.bytes_for(modules, torch.float32)
-        if need <= self.dequant_left:
-            self.dequant_left -= need
-            return DequantizedNF4(modules, torch.float32)
-        if not self.past_budget:
-            log.warning("dequant_memory is spent: the remaining NF4 projections dequantize on every call "
-                        "(slow on this CPU; raise --dequant-memory)")
-        self.past_budget += 1
+            kernel = bool(self.nf4_kernel_rows) and self._kernel_fits(modules)
+            need = DequantizedNF4.bytes_for(modules, torch.float32)
+            if need <= self.dequant_left:
+                self.dequant_left -= need
+                copy = DequantizedNF4(modules, torch.float32)
+                return KernelNF4(modules, copy, self.nf4_kernel_rows) if kernel else copy
+            if kernel:  # past the copies' budget the kernel beats bitsandbytes' per-call dequantization at any size
+                return KernelNF4(modules, None, None)
+            if not self.past_budget:
+                log.warning("dequant_memory is spent: the remaining NF4 projections dequantize on every call "
+                            "(slow on this CPU; raise --dequant-memory)")
+            self.past_budget += 1
         return ModuleGroup(modules)
 
     def _kernel_fits(self, modules: list) -> bool:
@@ -131,7 +129,8 @@ class GroupBuilder:
             "dense": "unquantized, groups concatenated",
             "nf4-fused": "NF4 through bitsandbytes' fused AVX512-BF16 kernel, called directly",
             "nf4-dequant": "NF4 dequantized once to fp32 (bit-identical to bitsandbytes' fallback)",
-            "nf4-kernel": f"NF4 through lorad's AVX2 kernel up to {self.nf4_kernel_rows} rows",
+            "nf4-kernel": f"NF4 through lorad's AVX2 kernel up to {self.nf4_kernel_rows} rows, fp32 copies above",
+            "nf4-kernel-all": "NF4 through lorad's AVX2 kernel at every batch size",
             "modules": "each module's own forward",
         }
         parts = [f"{names[r]} ({n} groups)" for r, n in sorted(self.routes.items())]

@@ -3,7 +3,8 @@
 The twin's dequantization is checked bit for bit against bitsandbytes' own, on a Linear4bit it
 quantized (double quantization, as lorad loads bases): that pins the layout (nibble order,
 scale per 64 weights) the kernel reads. The kernel is then checked against the twin's weights
-in fp64, over row counts that exercise every remainder of its 4-row passes, strided rows of x,
+in fp64, over row counts that take both of its paths (up to 4 rows, decoded in registers; more,
+through 4 x 3 tiles) with every remainder of rows and weight rows, strided rows of x, threads,
 and the shapes of SmolLM2's projections.
 """
 
@@ -56,7 +57,7 @@ def test_twin_dequantizes_exactly_as_bitsandbytes():
 
 @needs_kernel
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 8, 9, 16])
-@pytest.mark.parametrize("N,K", [(1, 64), (40, 192), (96, 576)])
+@pytest.mark.parametrize("N,K", [(1, 64), (41, 192), (96, 576)])  # N % 3: every tile width
 def test_kernel_matches_fp64(M, N, K):
     weight, absmax, code = random_nf4(N, K, seed=M * 1000 + N)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
@@ -69,12 +70,13 @@ def test_kernel_matches_fp64(M, N, K):
 def test_kernel_on_strided_rows_and_smollm_shapes():
     for N, K in [(576 + 2 * 192, 576), (576, 1536)]:  # fused q/k/v; down
         weight, absmax, code = random_nf4(N, K, seed=K)
-        wide = torch.randn(5, K + 64, generator=torch.Generator().manual_seed(1))
+        wide = torch.randn(7, K + 64, generator=torch.Generator().manual_seed(1))
         x = wide[:, 32 : 32 + K]  # rows 64 floats apart: the kernel reads x.stride(0)
         assert not x.is_contiguous()
-        ref = reference(x, weight, absmax, code)
-        assert relative_error(nf4_matmul(x, weight, absmax, code), ref) < TOLERANCE
-        assert relative_error(nf4_matmul(x, weight, absmax, code, threads=2), ref) < TOLERANCE
+        for rows in (x[:3], x):  # both paths
+            ref = reference(rows, weight, absmax, code)
+            assert relative_error(nf4_matmul(rows, weight, absmax, code), ref) < TOLERANCE
+            assert relative_error(nf4_matmul(rows, weight, absmax, code, threads=2), ref) < TOLERANCE
 
 
 def test_twin_matches_fp64():

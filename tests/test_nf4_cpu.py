@@ -119,8 +119,17 @@ def test_kernel_group_matches_the_modules_and_hands_wide_batches_on():
             assert torch.equal(torch.cat([m(x) for m in mods], dim=1), ref)
     assert all(shares_storage(m.weight, kernel.weight) for m in mods)  # no byte held twice
     assert kernel.extra_bytes == kernel.absmax.numel() * 4 + DequantizedNF4.bytes_for(mods)
-    past = GroupBuilder(0, torch.float32, nf4_kernel_rows=4).build(group(fused=False))
-    assert isinstance(past, KernelNF4) and isinstance(past.wide, ModuleGroup)  # no copy budget: modules above 4
+    # past the copies' budget: the kernel at every batch size (not bitsandbytes' per-call dequantization)
+    mods = group(fused=False)
+    builder = GroupBuilder(0, torch.float32, nf4_kernel_rows=4)
+    past = builder.build(mods)
+    assert isinstance(past, KernelNF4) and past.wide is None and past.route == "nf4-kernel-all"
+    assert builder.past_budget == 0 and "at every batch size" in builder.describe()
+    with torch.inference_mode():
+        x = inputs()[3]  # 33 rows
+        ref = torch.cat([m(x) for m in mods], dim=1)
+        got = past(x)
+        assert ((got - ref).abs().max() / ref.abs().max()).item() < 2e-6 and not torch.equal(got, ref)
     assert isinstance(GroupBuilder(0, torch.float32, nf4_kernel_rows=0).build(group(fused=False)), ModuleGroup)
 
 
