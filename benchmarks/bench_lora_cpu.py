@@ -5,7 +5,9 @@ down 1536->576), 16 decode tokens over 8 adapters, rank 16, float32. Four ways t
 adapters' deltas to the base outputs:
 
   twin        lorad.kernels.lora_shrink / lora_expand (the PyTorch twin), tokens grouped by
-              slot as the engine lays them out, and again with the tokens shuffled
+              slot as the engine lays them out, and again with the tokens shuffled; and
+              add_lora, the engine's one call per projection, on the twin and on the cpu
+              backend (lorad's C kernel, kernels/lora_cpu.c)
   peft loop   PEFT's LoraLayer._mixed_batch_forward in plain torch: for each distinct adapter,
               gather its rows, lora_B(lora_A(x_sub)) * scaling, scatter-add into the result
   peft layer  the same through PEFT's own lora.Linear(adapter_names=...), base time subtracted
@@ -34,7 +36,7 @@ from datetime import date
 import torch
 import torch.nn.functional as F
 
-from lorad.kernels import build_lora_meta, lora_expand, lora_shrink, lora_ops_torch
+from lorad.kernels import add_lora, build_lora_meta, lora_cpu, lora_expand, lora_ops_torch, lora_shrink
 
 SMOLLM2_135M = {  # projection: (H_in, H_out)
     "q": (576, 576), "k": (576, 192), "v": (576, 192), "o": (576, 576),
@@ -98,6 +100,15 @@ def step_twin(p: Problem, meta=None) -> None:
     for layer in p.pool:
         for n, (a, b) in layer.items():
             lora_expand(p.y[n], lora_shrink(p.x[n], a, meta, backend="torch"), b, p.scale, meta, backend="torch")
+
+
+def step_add_lora(p: Problem, backend: str, meta=None) -> None:
+    """The engine's call: add_lora per projection (torch: the twin's fused decode path; cpu: lorad's C kernel)."""
+    if meta is None:
+        meta = build_lora_meta(p.slots, p.num_slots)
+    for layer in p.pool:
+        for n, (a, b) in layer.items():
+            add_lora(p.y[n], p.x[n], a, b, p.scale, meta, backend=backend)
 
 
 def step_peft_loop(p: Problem) -> None:
@@ -247,10 +258,13 @@ def headline(args) -> dict:
     fns = {
         "twin_grouped_s": lambda: step_twin(p),
         "twin_shuffled_s": lambda: step_twin(p_shuffled),
+        "twin_add_lora_s": lambda: step_add_lora(p, "torch"),
         "peft_loop_s": lambda: step_peft_loop(p),
         "gather_bmm_s": lambda: step_gather_bmm(p),
         "read_weights_s": lambda: step_read_weights(p),
     }
+    if lora_cpu.available():
+        fns["cpu_kernel_s"] = lambda: step_add_lora(p, "cpu")
     if not args.no_model:
         fns |= base_step_fns(load_base_model())
     res = race(fns, args.reps, 2)
@@ -333,6 +347,8 @@ def main() -> None:
     print(f"{'method':<34} {'ms/step':>8} {'x PEFT loop':>11}")
     for key, label in [("twin_grouped_s", "twin, tokens grouped by slot"),
                        ("twin_shuffled_s", "twin, tokens shuffled"),
+                       ("twin_add_lora_s", "twin add_lora (the engine's call)"),
+                       ("cpu_kernel_s", "cpu backend: lorad's C kernel"),
                        ("peft_loop_s", "PEFT loop (plain torch)"),
                        ("peft_layer_s", "PEFT lora.Linear, minus base"),
                        ("gather_bmm_s", "gather + bmm"),

@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--cpu-path", choices=("native", "avx2"), default="native")
     ap.add_argument("--nf4-kernel-rows", type=int, default=None,
                     help="EngineConfig.nf4_kernel_rows (AVX2 path) [default: lorad's default]")
+    ap.add_argument("--lora-backend", default=None, help="EngineConfig.lora_backend [default: auto]")
     ap.add_argument("--ops", action="store_true", help="also print torch.profiler's per-op table")
     args = ap.parse_args()
     if args.cpu_path == "avx2":
@@ -117,6 +118,8 @@ def main() -> None:
         write_random_adapter(tmp / f"a{i}", geometry, rank=16, alpha=32, seed=i, b_std=0.004)
         names.append(f"a{i}")
     kernel_rows = {} if args.nf4_kernel_rows is None else {"nf4_kernel_rows": args.nf4_kernel_rows}
+    if args.lora_backend is not None:
+        kernel_rows["lora_backend"] = args.lora_backend
     engine = Engine(base, EngineConfig(max_seq_len=args.prompt_tokens + args.steps + 64, threads=args.threads,
                                        **kernel_rows,
                                        max_batch_size=args.batch), adapters_dir=str(tmp))

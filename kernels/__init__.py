@@ -11,6 +11,8 @@ a PyTorch twin (the CPU path and the tests' oracle). `backend` picks one:
     "auto"   Triton for CUDA tensors when triton imports, else the twin (default)
     "torch"  the twin
     "triton" the Triton kernels (CPU tensors need TRITON_INTERPRET=1 set before triton loads)
+    "cpu"    add_lora's fp32 decode layout in C (lorad.kernels.lora_cpu, built on first use),
+             the twin for everything else; "auto" picks it for CPU tensors where it builds
 
 The environment variable LORAD_LORA_BACKEND sets the default for calls that pass none.
 
@@ -25,11 +27,11 @@ import os
 
 import torch
 
-from lorad.kernels import custom_ops
+from lorad.kernels import custom_ops, lora_cpu
 from lorad.kernels.lora_ops_torch import add_lora_torch, lora_expand_dora_torch, lora_expand_torch, lora_shrink_torch
 from lorad.kernels.metadata import NO_LORA, LoRABatchMeta, build_lora_meta
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 
 __all__ = [
     "BACKENDS",
@@ -53,12 +55,17 @@ def triton_available() -> bool:
 
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
-    """The implementation ("torch" or "triton") that runs for tensors on `device`."""
+    """The implementation ("torch", "triton" or "cpu") that runs for tensors on `device`."""
     choice = backend or os.environ.get("LORAD_LORA_BACKEND", "auto")
     if choice not in BACKENDS:
         raise ValueError(f"LoRA backend {choice!r} is not one of {', '.join(BACKENDS)}")
     if choice == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type == "cuda":
+            return "triton" if triton_available() else "torch"
+        return "cpu" if device.type == "cpu" and lora_cpu.available() else "torch"
+    if choice == "cpu" and not lora_cpu.available():
+        raise RuntimeError(f"LoRA backend 'cpu' was asked for but its kernel is unavailable: "
+                           f"{lora_cpu.unavailable_reason()}")
     if choice == "triton":
         if not triton_available():
             raise RuntimeError("LoRA backend 'triton' was asked for but triton is not installed")
@@ -97,7 +104,7 @@ def lora_shrink(
         caller skip the zero rows when every adapter in the batch has rank <= r.
       meta: LoRABatchMeta from build_lora_meta(token_slots, S).
       out: Optional shape `[T, R]` float32 buffer. Overwritten (not accumulated).
-      backend: "auto" | "torch" | "triton"; see the module docstring.
+      backend: "auto" | "torch" | "triton" | "cpu"; see the module docstring.
 
     Returns:
       v: Shape `[T, R]`, float32 (`out` when given).
@@ -151,7 +158,7 @@ def lora_expand(
         lora_shrink (R is then r, for v too).
       scale: Shape `[S]`, float32. Per-slot scaling (lora_alpha / r, or / sqrt(r) for rsLoRA).
       meta: LoRABatchMeta from build_lora_meta(token_slots, S).
-      backend: "auto" | "torch" | "triton"; see the module docstring.
+      backend: "auto" | "torch" | "triton" | "cpu"; see the module docstring.
     """
     backend = resolve_backend(y.device, backend)
     if torch.compiler.is_compiling():
@@ -201,6 +208,9 @@ def _add_lora_impl(y, x, lora_a, lora_b, scale, meta, backend: str) -> None:
         from lorad.kernels.lora_ops_triton import lora_expand_triton, lora_shrink_triton
 
         lora_expand_triton(y, lora_shrink_triton(x, lora_a, meta), lora_b, scale, meta)
+        return
+    if backend == "cpu":
+        lora_cpu.add_lora_cpu(y, x, lora_a, lora_b, scale, meta)
         return
     add_lora_torch(y, x, lora_a, lora_b, scale, meta)
 

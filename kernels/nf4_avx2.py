@@ -31,57 +31,24 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from lorad.kernels.native_build import build_and_load
 
 BLOCK = 64  # weights per absmax scale; the kernel supports bitsandbytes' default only
-_SOURCE = Path(__file__).with_name("nf4_avx2.c")
-# -fopenmp: the library then needs libgomp.so.1, which resolves to the copy torch has loaded
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
-
-
-def _compiler() -> str | None:
-    return next((c for c in (os.environ.get("CC"), "cc", "gcc") if c and shutil.which(c)), None)
 
 
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(the built kernel, "") or (None, why it is unavailable); built once per source and flags."""
-    from lorad.cpu_features import detect
-
-    flags = detect().flags
-    if not {"avx2", "fma"} <= flags:
-        return None, "the CPU lacks AVX2/FMA"
-    cc = _compiler()
-    if cc is None:
-        return None, "no C compiler (cc or gcc; or set CC)"
-    from lorad.base_model import cache_dir
-
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"nf4_avx2-{key}.so"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, renamed into place
-            built = Path(tmp) / target.name
-            result = subprocess.run([cc, *_FLAGS, "-o", str(built), str(_SOURCE)], capture_output=True, text=True)
-            if result.returncode != 0:
-                return None, f"{cc} failed to build {_SOURCE.name}: {result.stderr.strip()[-500:]}"
-            os.replace(built, target)
-    lib = ctypes.CDLL(str(target))
-    lib.lorad_nf4_matmul_f32.restype = ctypes.c_int
-    lib.lorad_nf4_matmul_f32.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] + \
-        [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
-    return lib, ""
+    lib, why = build_and_load(Path(__file__).with_name("nf4_avx2.c"))
+    if lib is not None:
+        lib.lorad_nf4_matmul_f32.restype = ctypes.c_int
+        lib.lorad_nf4_matmul_f32.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] + \
+            [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
+    return lib, why
 
 
 def available() -> bool:

@@ -11,7 +11,8 @@ import click
 from lorad.base_model import BASE_ALIASES, DEVICE_CHOICES, EMBEDDED_ALIAS, QUANT_CHOICES, BaseModelConfig
 from lorad.errors import LoradError
 
-from lorad.server.config import HOST_CACHE_SHARE, SAVED_COPIES_BY_DEFAULT, EngineConfig, ServerConfig
+from lorad.server.config import (HOST_CACHE_SHARE, LORA_BACKENDS, SAVED_COPIES_BY_DEFAULT, EngineConfig,
+                                 ServerConfig)
 
 _E = EngineConfig()
 _S = ServerConfig.__dataclass_fields__
@@ -87,8 +88,9 @@ def _default(name: str):
                    f"while they hold slots (e.g. 2GiB); idle adapters' copies are evicted to make room, and an "
                    f"adapter needing more than all of it is refused; 0 serves no such adapter [default: room for "
                    f"{SAVED_COPIES_BY_DEFAULT} [vocab, hidden] copies of this base].")
-@click.option("--lora-backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", show_default=True,
-              help="Multi-adapter LoRA ops: Triton kernels on CUDA, the PyTorch path on CPU (auto).")
+@click.option("--lora-backend", type=click.Choice(list(LORA_BACKENDS)), default=_E.lora_backend, show_default=True,
+              help="Multi-adapter LoRA ops. auto: Triton kernels on CUDA; on the CPU lorad's C kernel for decode "
+                   "batches (cpu) where it builds (AVX2 and a C compiler), else the PyTorch path (torch).")
 @click.option("--max-request-bytes", default=f"{_default('max_request_bytes') // 2**20}MiB", show_default=True,
               help="Largest request message accepted; bigger ones get RESOURCE_EXHAUSTED.")
 @click.option("--max-unsent-chunks", type=int, default=_default("max_unsent_chunks"), show_default=True,

@@ -35,6 +35,9 @@ HOST_CACHE_SHARE = 0.25
 # EngineConfig.saved_modules_memory's default, in [vocab, hidden] copies of the base: two adapters
 # that each replace lm_head and embed_tokens, or four that replace one of them, at once
 SAVED_COPIES_BY_DEFAULT = 4
+# lorad.kernels.BACKENDS, named here so that the CLI need not import torch (tests/test_serve_cli.py
+# checks that they agree)
+LORA_BACKENDS = ("auto", "torch", "triton", "cpu")
 
 
 @dataclass
@@ -118,8 +121,8 @@ class EngineConfig:
             )
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ConfigError("default_max_new_tokens must not exceed max_new_tokens_limit")
-        if self.lora_backend not in ("auto", "torch", "triton"):
-            raise ConfigError(f"lora_backend: {self.lora_backend!r} is not one of auto, torch, triton")
+        if self.lora_backend not in LORA_BACKENDS:
+            raise ConfigError(f"lora_backend: {self.lora_backend!r} is not one of {', '.join(LORA_BACKENDS)}")
 
 
 @dataclass

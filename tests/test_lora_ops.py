@@ -27,7 +27,7 @@ from lora_cases import (
     widen,
 )
 from lorad.kernels import add_lora, build_lora_meta, lora_expand, lora_shrink, resolve_backend
-from lorad.kernels import lora_ops_torch
+from lorad.kernels import lora_cpu, lora_ops_torch
 from lorad.kernels.lora_ops_torch import lora_expand_torch, lora_shrink_torch
 
 TESTS = Path(__file__).resolve().parent
@@ -234,7 +234,7 @@ def test_resolve_backend(monkeypatch):
     monkeypatch.delenv("LORAD_LORA_BACKEND", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cpu = torch.device("cpu")
-    assert resolve_backend(cpu) == "torch"
+    assert resolve_backend(cpu) == ("cpu" if lora_cpu.available() else "torch")  # tests/test_lora_cpu.py
     assert resolve_backend(cpu, "torch") == "torch"
     with pytest.raises(ValueError, match="'cuda' is not one of"):
         resolve_backend(cpu, "cuda")

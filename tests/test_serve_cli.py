@@ -59,8 +59,16 @@ def test_sigterm_shuts_down_cleanly(served):
 def test_serve_help_explains_the_options():
     result = CliRunner().invoke(main, ["serve", "--help"])
     assert result.exit_code == 0
-    for option in ("--base", "--adapters", "--max-loras", "--max-cpu-loras", "--kv-cache-memory", "--metrics-port"):
+    for option in ("--base", "--adapters", "--max-loras", "--max-cpu-loras", "--kv-cache-memory", "--metrics-port",
+                   "--nf4-kernel-rows", "--lora-backend"):
         assert option in result.output
+
+
+def test_the_cli_offers_every_lora_backend_the_kernels_have():
+    from lorad.kernels import BACKENDS
+    from lorad.server.config import LORA_BACKENDS
+
+    assert LORA_BACKENDS == BACKENDS
 
 
 @pytest.mark.parametrize(
