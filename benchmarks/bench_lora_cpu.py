@@ -203,11 +203,13 @@ def base_step_fns(model, batch: int = 16) -> dict:
 
     fns = {"base_decode_step_s": decode, "nf4_projections_s": projections, "lm_head_s": lm_head}
     # The engine's projections: q/k/v and gate/up as one call each, through the route this CPU
-    # takes (fused NF4 kernel, or dequantized copies where bitsandbytes would dequantize per call).
+    # takes (fused NF4 kernel, or lorad's NF4 kernel and copies where bitsandbytes would dequantize per call).
+    from lorad.server.config import EngineConfig
     from lorad.server.model_runner import GROUPS
     from lorad.server.projections import GroupBuilder
 
-    builder = GroupBuilder(4 * 2**30, torch.float32)
+    engine = EngineConfig()
+    builder = GroupBuilder(engine.dequant_memory, torch.float32, engine.nf4_kernel_rows)
     groups = []
     for layer in model.model.layers:
         owner = {p: layer.self_attn if p in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp

@@ -1,7 +1,8 @@
 /* add_lora for the CPU decode layout, fp32: lorad.kernels.lora_cpu builds and calls it (contract
    there). The PyTorch twin runs this layout as bmm, mul, bmm + add: three passes and MKL's
    batched-GEMM setup for [2, 576] x [576, 16]-sized problems, 210 times a step. Here each
-   adapter's A and B rows are read once, straight from memory into FMAs for all of its tokens.
+   adapter's A and B rows are read once per pair of its tokens (decode has two per adapter at
+   batch 16 over 8), straight from memory into FMAs.
    At batch 16 over 8 rank-16 adapters a step reads 156 MB of adapter weights: ~8 ms on one core
    of this project's machine, the floor; the kernel takes ~14 ms (kernels/README.md says where
    the rest goes). */
@@ -96,6 +97,7 @@ int lorad_lora_decode_f32(int64_t n, int64_t L, int64_t r, int64_t H_in, int64_t
                           const float* a, int64_t a_stride, const float* b, int64_t b_stride, const float* scale,
                           float* y, int64_t ldy, int64_t threads) {
     if (r > MAX_RANK) return 1;
+    if (n <= 0 || L <= 0 || r <= 0) return 0;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t i = 0; i < n; i++) {
         for (int64_t t0 = 0; t0 < L; t0 += 16) { /* v for up to 16 tokens at a time: [16, r] on the stack */

@@ -4,8 +4,9 @@ Decode batches lay tokens out grouped by slot in equal segments (`meta.pad_ident
 i's tokens are rows [pad_first + i * L, pad_first + (i + 1) * L). There the twin runs three
 torch calls (bmm, mul, bmm + add) whose batched-GEMM setup for [2, 576] x [576, 16]-sized
 problems costs about as much as reading the weights; the C kernel reads each adapter's A and B
-rows once, straight into FMAs for all its tokens. Every other layout, dtype or device goes to
-the twin (`add_lora_torch`), which stays the oracle.
+rows once per pair of its tokens (once in all at decode's two tokens per adapter), straight
+into FMAs. Every other layout, dtype or device goes to the twin (`add_lora_torch`), which
+stays the oracle.
 
 Contract: that of lorad.kernels.add_lora for float32 tensors (fp32 accumulation; the twin and
 the kernel sum in different orders, so they agree to float32 rounding, not bit for bit).
@@ -15,7 +16,6 @@ Built on first use (lorad.kernels.native_build).
 from __future__ import annotations
 
 import ctypes
-import functools
 from pathlib import Path
 
 import torch
@@ -23,32 +23,28 @@ import torch
 from lorad.kernels.checks import check_add_lora_args
 from lorad.kernels.lora_ops_torch import add_lora_torch
 from lorad.kernels.metadata import LoRABatchMeta
-from lorad.kernels.native_build import build_and_load
+from lorad.kernels.native_build import NativeKernel
 
 MAX_RANK = 256  # the C kernel's v buffer; larger ranks go to the twin
 
 
-@functools.cache
-def _library() -> tuple[ctypes.CDLL | None, str]:
-    lib, why = build_and_load(Path(__file__).with_name("lora_cpu.c"))
-    if lib is not None:
-        lib.lorad_lora_decode_f32.restype = ctypes.c_int
-        lib.lorad_lora_decode_f32.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int64] + \
-            [ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    return lib, why
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+_KERNEL = NativeKernel(Path(__file__).with_name("lora_cpu.c"), "lorad_lora_decode_f32",
+                       # n, L, r, H_in, H_out, x, ldx, a, a_stride, b, b_stride, scale, y, ldy, threads
+                       [_i64, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64])
 
 
 @torch.compiler.assume_constant_result  # resolve_backend runs inside traced steps: decided once, at trace time
 def available() -> bool:
-    return _library()[0] is not None
+    return _KERNEL.available()
 
 
 def unavailable_reason() -> str:
-    return _library()[1]
+    return _KERNEL.unavailable_reason()
 
 
 def _kernel_applies(y, x, lora_a, lora_b, meta: LoRABatchMeta) -> bool:
-    return (meta.pad_identity and y.device.type == "cpu"
+    return (meta.pad_identity and y.device.type == "cpu" and x.dim() == 2 and lora_a.dim() == lora_b.dim() == 3
             and y.dtype == x.dtype == lora_a.dtype == lora_b.dtype == torch.float32
             and y.stride(1) == 1 and x.stride(1) == 1
             and lora_a.stride(2) == 1 and lora_a.stride(1) == lora_a.shape[2]
@@ -65,8 +61,8 @@ def add_lora_cpu(
     meta: LoRABatchMeta,
 ) -> None:
     """lorad.kernels.add_lora: the C kernel for the fp32 decode layout, the twin otherwise."""
-    lib = _library()[0]
-    if lib is None or not _kernel_applies(y, x, lora_a, lora_b, meta):
+    kernel = _KERNEL.function
+    if kernel is None or not _kernel_applies(y, x, lora_a, lora_b, meta):
         add_lora_torch(y, x, lora_a, lora_b, scale, meta)
         return
     check_add_lora_args(y, x, lora_a, lora_b, scale, meta)
@@ -76,7 +72,7 @@ def add_lora_cpu(
     if scale.stride(0) != 1:
         scale = scale.contiguous()
     # pointers to row p0 / slot lo, in bytes (float32), rather than slicing views: 210 calls a step
-    status = lib.lorad_lora_decode_f32(
+    status = kernel(
         n, L, lora_a.shape[1], x.shape[1], y.shape[1],
         x.data_ptr() + 4 * p0 * x.stride(0), x.stride(0),
         lora_a.data_ptr() + 4 * lo * lora_a.stride(0), lora_a.stride(0),

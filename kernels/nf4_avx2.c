@@ -104,10 +104,11 @@ static inline void decode_row(int64_t K, const uint8_t* w, const float* scale, c
     }
 }
 
-/* Returns 0, or 1 when K is not a multiple of 64, 2 when out of memory. */
+/* Returns 0 (nothing to do for M or N <= 0), 1 when K is not a positive multiple of 64, 2 when out of memory. */
 int lorad_nf4_matmul_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const uint8_t* w,
                          const float* absmax, const float* code, float* y, int64_t ldy, int64_t threads) {
-    if (K % BLOCK) return 1;
+    if (M <= 0 || N <= 0) return 0;
+    if (K <= 0 || K % BLOCK) return 1;
     float* xp = malloc(sizeof(float) * (size_t)(M * K)); /* [M, K]: x in decode32's order */
     if (!xp) return 2;
     static const int order[8] = {0, 2, 4, 6, 1, 3, 5, 7};

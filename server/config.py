@@ -106,7 +106,8 @@ class EngineConfig:
         self.dequant_memory = parse_bytes(self.dequant_memory, "dequant_memory")
         if self.dequant_memory < 0:
             raise ConfigError(f"dequant_memory: must not be negative, got {self.dequant_memory}")
-        if not isinstance(self.nf4_kernel_rows, int) or self.nf4_kernel_rows < 0:
+        rows = self.nf4_kernel_rows
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
             raise ConfigError(f"nf4_kernel_rows: must be a whole number >= 0, got {self.nf4_kernel_rows!r}")
         for name in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_batch_size", "max_prefill_tokens",
                      "max_queue", "default_max_new_tokens", "max_new_tokens_limit"):

@@ -39,6 +39,7 @@ from lorad.cpu_features import detect as detect_cpu
 from lorad.geometry import ModelGeometry
 from lorad.kernels import LoRABatchMeta, add_lora, lora_expand_dora, lora_shrink, resolve_backend
 
+from lorad.server.config import EngineConfig
 from lorad.server.kv_cache import KVCache
 from lorad.server.lora_slots import LoRASlotPool
 from lorad.server.projections import GroupBuilder, LogitsHead
@@ -59,6 +60,8 @@ def _weight_row_sq(group, dtype: torch.dtype) -> torch.Tensor:
     kernel accumulates in fp32). NF4 modules called one by one are dequantized by bitsandbytes
     (their weight is still in its own layout)."""
     weight = getattr(group, "weight", None)
+    if getattr(group, "wide", None) is not None:  # KernelNF4 with a dequantized copy: read the copy
+        weight = group.wide.weight
     if weight is not None and weight.is_floating_point():  # DenseGroup, DequantizedNF4: [N, K]
         return weight.float().square().sum(1)
     modules = getattr(group, "modules", None)
@@ -176,7 +179,7 @@ class _Layer:
 
 class LlamaRunner:
     def __init__(self, model, geometry: ModelGeometry, kv: KVCache, pool: LoRASlotPool, lora_backend: str = "auto",
-                 dequant_memory: int = 0, nf4_kernel_rows: int = 0):
+                 dequant_memory: int = 0, nf4_kernel_rows: int = EngineConfig.nf4_kernel_rows):
         inner = model.model
         self.geometry = geometry
         self.kv = kv

@@ -78,7 +78,7 @@ def _is_dense_linear(module) -> bool:
 class GroupBuilder:
     """Builds every group of one model, tracking the dequantization budget across them."""
 
-    def __init__(self, dequant_memory: int, compute_dtype: torch.dtype, nf4_kernel_rows: int = 0):
+    def __init__(self, dequant_memory: int, compute_dtype: torch.dtype, nf4_kernel_rows: int):
         self.dequant_left = dequant_memory
         self.compute_dtype = compute_dtype
         self.nf4_kernel_rows = nf4_kernel_rows

@@ -10,6 +10,7 @@ import torch
 from lora_cases import make_problem, reference
 from lorad.kernels import add_lora, build_lora_meta, lora_cpu, resolve_backend
 from lorad.kernels.lora_ops_torch import add_lora_torch
+from lorad.kernels.native_build import NativeKernel
 
 pytestmark = pytest.mark.skipif(not lora_cpu.available(),
                                 reason=f"LoRA CPU kernel unavailable: {lora_cpu.unavailable_reason()}")
@@ -81,10 +82,35 @@ def test_other_layouts_and_dtypes_go_to_the_twin(monkeypatch):
     assert len(calls) == 2
 
 
-def test_auto_picks_the_cpu_kernel_and_an_unbuildable_one_says_why(monkeypatch):
+def test_auto_picks_the_cpu_kernel_and_an_unbuildable_one_says_why(monkeypatch, tmp_path):
     monkeypatch.delenv("LORAD_LORA_BACKEND", raising=False)
     assert resolve_backend(torch.device("cpu")) == "cpu"
-    monkeypatch.setattr(lora_cpu, "_library", lambda: (None, "no C compiler (cc or gcc; or set CC)"))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails, on a source not built before
+    monkeypatch.setattr(lora_cpu, "_KERNEL", NativeKernel(tmp_path / "k.c", "f", []))
+    (tmp_path / "k.c").write_text("int f(void) { return 0; }\n")
     assert resolve_backend(torch.device("cpu")) == "torch"
-    with pytest.raises(RuntimeError, match="no C compiler"):
+    with pytest.raises(RuntimeError, match="false failed to build k.c"):
         resolve_backend(torch.device("cpu"), "cpu")
+
+
+def test_traces_under_torch_compile_as_the_same_kernel():
+    """In a traced step add_lora (backend auto) is the custom op lorad::add_lora running the same
+    C kernel as eager calls: bit-identical results."""
+    slots = [0, 0, 1, 1, 2, 2]
+    p = make_problem(slots, 3, 64, 48, 8, torch.float32, seed=9)
+    meta = build_lora_meta(slots, 3)
+    assert meta.pad_identity and resolve_backend(torch.device("cpu")) == "cpu"
+
+    def step(y, x):
+        wide = torch.cat([y, y], dim=1) * 2
+        add_lora(wide[:, 48:], x, p.lora_a, p.lora_b, p.scale, meta)
+        return wide + 1
+
+    eager = step(p.y0.clone(), p.x)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(p.y0.clone(), p.x)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
+    assert not torch.equal(eager[:, 48:], eager[:, :48])  # the LoRA changed its half

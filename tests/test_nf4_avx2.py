@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lorad.kernels import nf4_avx2
+from lorad.kernels.native_build import NativeKernel
 from lorad.kernels.nf4_avx2 import nf4_dequantize_torch, nf4_matmul, nf4_matmul_torch
 
 needs_kernel = pytest.mark.skipif(not nf4_avx2.available(),
@@ -53,17 +54,20 @@ def test_twin_dequantizes_exactly_as_bitsandbytes():
     assert state.nested and state.blocksize == nf4_avx2.BLOCK
     ours = nf4_dequantize_torch(lin.weight.data.reshape(-1), absmax_f32(state).float(), state.code.float(), 128)
     assert torch.equal(ours, dequantized_weight(lin, torch.float32))
+    # and bitsandbytes' public dequantize, which un-nests the scales itself
+    assert torch.equal(ours, bnb.functional.dequantize_4bit(lin.weight.data, state).float())
 
 
 @needs_kernel
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 8, 9, 16])
+@pytest.mark.parametrize("M", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 16])  # every remainder of both paths
 @pytest.mark.parametrize("N,K", [(1, 64), (41, 192), (96, 576)])  # N % 3: every tile width
 def test_kernel_matches_fp64(M, N, K):
     weight, absmax, code = random_nf4(N, K, seed=M * 1000 + N)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
     got = nf4_matmul(x, weight, absmax, code)
     assert got.shape == (M, N) and got.dtype == torch.float32
-    assert relative_error(got, reference(x, weight, absmax, code)) < TOLERANCE
+    if M:
+        assert relative_error(got, reference(x, weight, absmax, code)) < TOLERANCE
 
 
 @needs_kernel
@@ -90,8 +94,10 @@ def test_twin_matches_fp64():
 def test_arguments_outside_the_contract_are_refused(impl):
     weight, absmax, code = random_nf4(8, 128, seed=0)
     x = torch.randn(2, 128)
-    with pytest.raises(ValueError, match="not a multiple of 64"):
+    with pytest.raises(ValueError, match="not a positive multiple of 64"):
         impl(torch.randn(2, 96), weight[: 8 * 96 // 2], absmax[: 8 * 96 // 64], code)
+    with pytest.raises(ValueError, match="not a positive multiple of 64"):
+        impl(torch.randn(2, 0), weight[:0], absmax[:0], code)
     with pytest.raises(ValueError, match="float32"):
         impl(x.double(), weight, absmax, code)
     with pytest.raises(ValueError, match="absmax: expected 16"):
@@ -100,3 +106,18 @@ def test_arguments_outside_the_contract_are_refused(impl):
         impl(x, weight, absmax, code[:8])
     with pytest.raises(ValueError, match="weight: expected contiguous uint8"):
         impl(x, weight.view(torch.int8), absmax, code)
+
+
+def test_a_kernel_that_cannot_build_says_why(monkeypatch, tmp_path):
+    """A failing compiler, or a source that is not there, leaves the caller on its PyTorch path
+    with the reason, instead of an exception at server start."""
+    monkeypatch.setenv("LORAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    source = tmp_path / "k.c"
+    source.write_text("int f(void) { return 0; }\n")
+    failing = NativeKernel(source, "f", [])
+    assert not failing.available() and failing.function is None
+    assert "false failed to build k.c" in failing.unavailable_reason()
+    monkeypatch.delenv("CC")
+    missing = NativeKernel(tmp_path / "missing.c", "f", [])
+    assert not missing.available() and "missing.c" in missing.unavailable_reason()

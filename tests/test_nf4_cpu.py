@@ -19,6 +19,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from lorad.cpu_features import CpuFeatures  # noqa: E402
 from lorad.kernels import nf4_avx2  # noqa: E402
+from lorad.server import nf4_cpu  # noqa: E402
 from lorad.server.nf4_cpu import DequantizedNF4, FusedNF4, KernelNF4, _fused_kernel, nf4_route  # noqa: E402
 from lorad.server.projections import DenseGroup, GroupBuilder, LogitsHead, ModuleGroup  # noqa: E402
 
@@ -85,7 +86,7 @@ def test_dequantized_group_is_bit_identical_to_bitsandbytes_fallback():
 def test_builder_keeps_the_dequant_copies_within_budget():
     groups = [group(fused=False), [nf4_linear(64, 64, seed=9, fused=False)]]
     budget = DequantizedNF4.bytes_for(groups[0])  # room for the first group only
-    builder = GroupBuilder(budget, torch.float32)
+    builder = GroupBuilder(budget, torch.float32, nf4_kernel_rows=0)
     built = [builder.build(g) for g in groups]
     assert [type(b) for b in built] == [DequantizedNF4, ModuleGroup]
     assert builder.routes == {"nf4-dequant": 1, "modules": 1}
@@ -95,11 +96,11 @@ def test_builder_keeps_the_dequant_copies_within_budget():
         for g, b in zip(groups, built):
             x = inputs()[2]
             assert torch.equal(b(x), torch.cat([m(x) for m in g], dim=1))
-    assert isinstance(GroupBuilder(0, torch.float32).build(group(fused=False)), ModuleGroup)  # 0 disables
+    assert isinstance(GroupBuilder(0, torch.float32, 0).build(group(fused=False)), ModuleGroup)  # 0 disables
 
 
 @needs_kernel
-def test_kernel_group_matches_the_modules_and_hands_wide_batches_on():
+def test_kernel_group_matches_the_modules_and_hands_wide_batches_on(monkeypatch):
     mods = group(fused=False, bias=True)
     with torch.inference_mode():
         refs = [torch.cat([m(x) for m in mods], dim=1) for x in inputs()]  # bitsandbytes' fallback
@@ -108,15 +109,18 @@ def test_kernel_group_matches_the_modules_and_hands_wide_batches_on():
         assert isinstance(kernel, KernelNF4) and isinstance(kernel.wide, DequantizedNF4)
         assert builder.routes == {"nf4-kernel": 1}
         assert "AVX2 kernel up to 16 rows" in builder.describe()
+        calls = []
+        real = nf4_cpu.nf4_matmul
+        monkeypatch.setattr(nf4_cpu, "nf4_matmul", lambda *args: calls.append(args[0].shape[0]) or real(*args))
         for x, ref in zip(inputs(), refs):  # 1, 3 and 16 rows: the kernel; 33: the fp32 copy
             got = kernel(x)
             if x.shape[0] > 16:
                 assert torch.equal(got, ref)
             else:
                 assert ((got - ref).abs().max() / ref.abs().max()).item() < 2e-6
-                assert not torch.equal(got, kernel.wide(x))  # it really took the kernel: other rounding
             # the modules now read views of the concatenated weight and still compute the same
             assert torch.equal(torch.cat([m(x) for m in mods], dim=1), ref)
+        assert calls == [1, 3, 16]  # the kernel ran for the small batches, not the copy
     assert all(shares_storage(m.weight, kernel.weight) for m in mods)  # no byte held twice
     assert kernel.extra_bytes == kernel.absmax.numel() * 4 + DequantizedNF4.bytes_for(mods)
     # past the copies' budget: the kernel at every batch size (not bitsandbytes' per-call dequantization)
@@ -131,21 +135,6 @@ def test_kernel_group_matches_the_modules_and_hands_wide_batches_on():
         got = past(x)
         assert ((got - ref).abs().max() / ref.abs().max()).item() < 2e-6 and not torch.equal(got, ref)
     assert isinstance(GroupBuilder(0, torch.float32, nf4_kernel_rows=0).build(group(fused=False)), ModuleGroup)
-
-
-@needs_kernel
-def test_kernel_group_traces_under_torch_compile():
-    """The kernel is a ctypes call: torch.compile sees it as the custom op lorad::nf4_kernel_linear."""
-    kernel = KernelNF4(group(fused=False), ModuleGroup([]), max_rows=16)
-    x = inputs()[2]
-    with torch.no_grad():
-        eager = kernel(x)
-        torch._dynamo.reset()
-        try:
-            compiled = torch.compile(lambda t: kernel(t) * 2, backend="aot_eager", fullgraph=True)(x)
-        finally:
-            torch._dynamo.reset()
-    assert torch.equal(compiled, eager * 2)
 
 
 def test_dense_group_concatenates_without_copying():
@@ -242,17 +231,17 @@ def test_engine_on_the_avx2_route_matches_transformers(tmp_path, tokenizer, monk
         cpu_features.detect.cache_clear()
 
 
-@needs_fused
-def test_fused_group_traces_under_torch_compile():
-    """The fused kernel is a ctypes call: torch.compile sees it as the custom op lorad::nf4_fused_linear."""
-    mods = group(fused=True)
-    fused = FusedNF4(mods)
+@pytest.mark.parametrize("route", [pytest.param("fused", marks=needs_fused), pytest.param("kernel", marks=needs_kernel)])
+def test_ctypes_groups_trace_under_torch_compile(route):
+    """Both NF4 kernels are ctypes calls: torch.compile sees each as one custom op
+    (lorad::nf4_fused_linear, lorad::nf4_kernel_linear)."""
+    built = FusedNF4(group(fused=True)) if route == "fused" else KernelNF4(group(fused=False), None, None)
     x = inputs()[2]
     with torch.no_grad():
-        eager = fused(x)
+        eager = built(x)
         torch._dynamo.reset()
         try:
-            compiled = torch.compile(lambda t: fused(t) * 2, backend="aot_eager", fullgraph=True)(x)
+            compiled = torch.compile(lambda t: built(t) * 2, backend="aot_eager", fullgraph=True)(x)
         finally:
             torch._dynamo.reset()
     assert torch.equal(compiled, eager * 2)
