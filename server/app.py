@@ -164,6 +164,14 @@ class LoradServer:
             base.resolved.display_name, base.resolved.quant, base.device, self.engine.max_running,
             cfg.engine.max_loras, cfg.engine.max_lora_rank,
         )
+        # which kernels run: on the CPU they depend on its flags and on whether a C compiler built lorad's own
+        runner = self.engine.runner
+        why = ""
+        if runner.device.type == "cpu" and runner.lora_backend == "torch":
+            from lorad.kernels import lora_cpu
+
+            why = f" (lorad's C LoRA kernel: {lora_cpu.unavailable_reason() or 'not chosen'})"
+        log.info("route: %s; LoRA backend %s%s", runner.route, runner.lora_backend, why)
         return self.port
 
     def _count_unparsed(self, method: str) -> None:
