@@ -77,7 +77,8 @@ def _default(name: str):
                    "make steps many times slower].")
 @click.option("--dequant-memory", default=f"{_E.dequant_memory / 2**30:g}GiB", show_default=True,
               help="Memory for dequantized fp32 copies of NF4 projections on CPUs without AVX512-BF16, where "
-                   "bitsandbytes would dequantize every weight on every call; 0 disables them.")
+                   "bitsandbytes would dequantize every weight on every call; with lorad's NF4 kernel they serve "
+                   "only batches above --nf4-kernel-rows. 0 disables them (the kernel then serves every batch).")
 @click.option("--nf4-kernel-rows", type=click.IntRange(min=0), default=_E.nf4_kernel_rows, show_default=True,
               help="On CPUs without AVX512-BF16 (AVX2 and FMA), batches of up to this many rows run NF4 projections "
                    "through lorad's AVX2 kernel on the packed 4-bit weights (8x fewer bytes than the fp32 copies; equal to "

@@ -63,7 +63,8 @@ class EngineConfig:
     threads: torch (OpenMP) threads of the model thread; None = lorad.cpu_features.default_threads().
     dequant_memory: bytes an NF4 base may spend on dequantized fp32 copies of its projections
         where bitsandbytes would dequantize them on every call (CPUs without AVX512-BF16);
-        projections past the budget keep bitsandbytes' per-call path. 0 disables the copies.
+        projections past the budget use lorad's NF4 kernel (below) at every batch size, or
+        bitsandbytes' per-call path where the kernel cannot run. 0 disables the copies.
     nf4_kernel_rows: on those CPUs (AVX2 and FMA), batches of at most this many rows run NF4
         projections through lorad's NF4 kernel on the packed 4-bit weights
         (lorad.kernels.nf4_avx2), larger ones through the copies; projections past the copies'

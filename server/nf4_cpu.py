@@ -15,8 +15,10 @@ bitsandbytes runs an NF4 `Linear4bit` on the CPU in one of two ways, depending o
   SmolLM2 spends most of its time there. `DequantizedNF4` dequantizes once, with the very
   ops and arguments bitsandbytes' fallback uses, and keeps the fp32 copy: each forward is the
   fallback's own `F.linear` on the same weight, so its output is bit-identical too, at 8x the
-  NF4 memory (budgeted by EngineConfig.dequant_memory; layers past the budget keep the
-  module's per-call path).
+  NF4 memory (budgeted by EngineConfig.dequant_memory). `KernelNF4` runs lorad's own NF4
+  kernel (lorad.kernels.nf4_avx2) on the packed weights instead for batches of up to
+  EngineConfig.nf4_kernel_rows rows, and for every batch of the layers past the copies'
+  budget: 1/8 of the copy's bytes, equal to float32 rounding rather than bit for bit.
 
 `nf4_route(module)` says which applies to a module.
 """
